@@ -1,0 +1,3 @@
+from mia_dpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""The `mia-dpo` command line. User mistakes end in one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mia_dpo import __version__
+from mia_dpo.config import RunConfig, load_config
+from mia_dpo.errors import TransientStoreError, UserError
+from mia_dpo.records import FORMATS, STAGE_ORDER, check_run_id
+
+log = logging.getLogger("mia_dpo")
+
+
+def _run_id(arg: str | None, cfg: RunConfig) -> str:
+    run_id = arg or os.environ.get("MIA_DPO_RUN_ID") or cfg.run_id
+    if not run_id:
+        run_id = time.strftime("run-%Y%m%d-%H%M%S")
+    try:
+        return check_run_id(run_id)
+    except ValueError as e:
+        raise UserError(f"--run-id: {e}") from None
+
+
+def _connections(cfg: RunConfig):  # type: ignore[no-untyped-def]
+    from mia_dpo.runtime.queue import open_queue
+    from mia_dpo.runtime.store import open_store
+
+    return open_store(cfg.store), open_queue(cfg.queue)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mia_dpo.controller import Controller
+
+    cfg = load_config(args.config)
+    run_id = _run_id(args.run_id, cfg)
+    store, queue = _connections(cfg)
+    controller = Controller(cfg, run_id, store, queue, config_path=args.config, progress=not args.quiet)
+    print(f"run {run_id}: store {store.uri('runs/' + run_id)}", file=sys.stderr)
+    try:
+        outcomes = controller.run()
+    except KeyboardInterrupt:
+        interrupt = getattr(controller.launcher, "interrupt", None)
+        if interrupt:
+            interrupt()
+        print(f"interrupted; rerun with --run-id {run_id} to resume", file=sys.stderr)
+        return 130
+    for o in outcomes:
+        note = " (already done)" if o.skipped else ""
+        dropped = ", ".join(f"{r} {n}" for r, n in sorted(o.stats.dropped.items())) or "none"
+        print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}{note}; dropped: {dropped}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from mia_dpo.runtime.worker import GracefulExit, Worker, install_signal_handlers
+
+    cfg = load_config(args.config)
+    run_id = args.run_id or os.environ.get("MIA_DPO_RUN_ID") or cfg.run_id
+    if not run_id:
+        raise UserError("worker: --run-id (or MIA_DPO_RUN_ID) is required")
+    run_id = _run_id(run_id, cfg)
+    if cfg.queue.backend != "redis":
+        raise UserError("worker: queue.backend must be 'redis' for a separate worker process")
+    store, queue = _connections(cfg)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    worker = Worker(cfg, run_id, args.stage, store, queue, stop=stop)
+    try:
+        worker.run()
+    except GracefulExit:
+        log.warning("second signal: current task released")
+    log.info("worker %s exiting after %d shards", worker.consumer, worker.processed)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mia_dpo.status import format_status, run_status
+
+    cfg = load_config(args.config)
+    run_id = _run_id(args.run_id, cfg)
+    store, queue = _connections(cfg)
+    st = run_status(store, queue if cfg.queue.backend == "redis" else None, run_id)
+    print(st.model_dump_json(indent=1) if args.json else format_status(st))
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from mia_dpo.controller import Controller
+    from mia_dpo.runtime import layout
+    from mia_dpo.runtime.queue import MemoryQueue
+    from mia_dpo.runtime.store import LocalStore
+
+    out = Path(args.out)
+    overrides: dict[str, object] = {
+        "input.path": str(Path(args.input).resolve()),
+        "input.image_root": args.image_root if args.image_root.startswith("s3://") else str(Path(args.image_root).resolve()),
+        "store.backend": "local",
+        "store.root": str(out),
+        "queue.backend": "memory",
+        "launcher.kind": "inline",
+        "launcher.default_workers": args.workers,
+        "stages": ["augment"],
+    }
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.formats:
+        overrides["augment.formats"] = {f: 1.0 for f in args.formats}
+    cfg = load_config(args.config, overrides=overrides)
+    store = LocalStore(out)
+    run_id = "augment"
+    Controller(cfg, run_id, store, MemoryQueue(cfg.queue), progress=not args.quiet).run()
+    rows = []
+    for key in store.list(layout.stage_prefix(run_id, "augment")):
+        if key.endswith(".jsonl") and not key.endswith(".dropped.jsonl"):
+            rows.extend(store.get_jsonl(key))
+    (out / "augmented.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    print(f"{len(rows)} augmented samples -> {out / 'augmented.jsonl'}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mia_dpo.data.synthetic import write_synthetic
+
+    path = write_synthetic(Path(args.out), args.n, seed=args.seed)
+    print(f"{args.n} samples -> {path} (images under {Path(args.out) / 'images'})")
+    return 0
+
+
+def cmd_contact_sheet(args: argparse.Namespace) -> int:
+    from mia_dpo.report import contact_sheet
+
+    cfg = load_config(args.config)
+    run_id = _run_id(args.run_id, cfg)
+    store, _ = _connections(cfg)
+    path = contact_sheet(store, cfg, run_id, Path(args.out), per_format=args.per_format)
+    print(f"contact sheet -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mia-dpo", description="Multi-Image Augmented DPO pipeline.")
+    p.add_argument("--version", action="version", version=f"mia-dpo {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) the pipeline described by a config file")
+    r.add_argument("config", nargs="?", help="run config YAML (default: the embedded default)")
+    r.add_argument("--run-id", help="run id; rerunning the same id resumes it")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
+
+    w = sub.add_parser("worker", help="a stateless worker for one stage (Redis queue)")
+    w.add_argument("--stage", required=True, choices=STAGE_ORDER)
+    w.add_argument("--run-id", help="run to work on (or MIA_DPO_RUN_ID)")
+    w.add_argument("--config", help="config YAML for connections (environment overrides it)")
+    w.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("status", help="shards done / pending / dead-lettered, drops by reason")
+    s.add_argument("run_id", metavar="RUN_ID")
+    s.add_argument("--config", help="config YAML for connections")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_status)
+
+    a = sub.add_parser("augment", help="only augment a LLaVA-format file into multi-image samples")
+    a.add_argument("--input", required=True, help="LLaVA JSON/JSONL file")
+    a.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    a.add_argument("--out", required=True, help="output folder (augmented.jsonl + images)")
+    a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--formats", nargs="+", choices=FORMATS, help="formats to use (equal weight)")
+    a.add_argument("--workers", type=int, default=2, help="worker threads")
+    a.add_argument("--config", help="config YAML for augment parameters")
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.set_defaults(fn=cmd_augment)
+
+    y = sub.add_parser("synth", help="write synthetic LLaVA-format data (coloured shapes)")
+    y.add_argument("--out", required=True)
+    y.add_argument("--n", type=int, default=240)
+    y.add_argument("--seed", type=int, default=0)
+    y.set_defaults(fn=cmd_synth)
+
+    c = sub.add_parser("contact-sheet", help="a PNG showing augmented samples of each format")
+    c.add_argument("--run-id", required=True)
+    c.add_argument("--config", help="config YAML of the run")
+    c.add_argument("--out", required=True, help="PNG file to write")
+    c.add_argument("--per-format", type=int, default=3)
+    c.set_defaults(fn=cmd_contact_sheet)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from mia_dpo.controller import RunFailed
+
+    try:
+        return int(args.fn(args))
+    except UserError as e:
+        print(f"mia-dpo: error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"mia-dpo: run failed: {e}", file=sys.stderr)
+        return 1
+    except TransientStoreError as e:
+        print(f"mia-dpo: store unreachable: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,340 @@
+"""Run configuration: one YAML file, pydantic models, environment overrides.
+
+The paper's constants (method.md section 1) are the defaults here and nowhere
+else. Connection settings may come from the environment; credentials may ONLY
+come from the environment (or a Kubernetes Secret mounted as environment), so a
+config file or a stored copy of it never holds one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from mia_dpo.errors import UserError
+from mia_dpo.records import STAGE_ORDER
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(Section):
+    path: str = Field(
+        default="",
+        description="LLaVA-format JSON or JSONL index: a local path or s3://bucket/key.",
+    )
+    image_root: str = Field(
+        default="",
+        description="Folder the `image` paths are relative to: a local directory or s3://bucket/prefix.",
+    )
+    shard_size: int = Field(default=64, ge=1, le=100_000, description="Source samples per shard.")
+    max_image_pixels: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="Images with more pixels (width x height, read from the header) are dropped.",
+    )
+    min_image_side_px: int = Field(
+        default=8, ge=1, description="Images narrower or shorter than this are dropped (px)."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Use only the first N samples of the index (null: all)."
+    )
+
+
+class StoreConfig(Section):
+    backend: Literal["local", "s3"] = Field(
+        default="local", description="local directory or S3/MinIO bucket."
+    )
+    root: str = Field(default="./mia-dpo-data", description="Local backend: root directory.")
+    endpoint: str = Field(
+        default="localhost:9000",
+        description="S3 backend: host:port of the S3/MinIO endpoint (env MIA_DPO_S3_ENDPOINT).",
+    )
+    bucket: str = Field(default="mia-dpo", description="S3 backend: bucket (env MIA_DPO_S3_BUCKET).")
+    prefix: str = Field(default="", description="S3 backend: key prefix inside the bucket.")
+    secure: bool = Field(default=False, description="S3 backend: use TLS (env MIA_DPO_S3_SECURE).")
+    region: str | None = Field(default=None, description="S3 backend: region (env MIA_DPO_S3_REGION).")
+    create_bucket: bool = Field(default=True, description="S3 backend: create the bucket if missing.")
+    retry_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Keep retrying transient S3 errors (connection refused, 5xx) this long (s).",
+    )
+    # Credentials: environment only (MIA_DPO_S3_ACCESS_KEY / MIA_DPO_S3_SECRET_KEY).
+    access_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    secret_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+
+class QueueConfig(Section):
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="memory: in-process (one controller process); redis: shared by worker processes.",
+    )
+    url: str = Field(
+        default="redis://localhost:6379/0",
+        description="Redis URL without a password (env MIA_DPO_REDIS_URL).",
+    )
+    namespace: str = Field(default="mia-dpo", description="Prefix of every Redis key.")
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A claimed task not heartbeated for this long is reclaimed by another worker (s).",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Deliveries of a task before it is dead-lettered."
+    )
+    poll_seconds: float = Field(
+        default=0.5, gt=0, description="Longest wait between claim attempts on an idle queue (s)."
+    )
+    password: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _no_password_in_url(self) -> QueueConfig:
+        if "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "url must not carry credentials; set MIA_DPO_REDIS_PASSWORD (or MIA_DPO_REDIS_URL)"
+            )
+        return self
+
+
+class LauncherConfig(Section):
+    kind: Literal["inline", "local", "external"] = Field(
+        default="inline",
+        description=(
+            "inline: worker threads inside the controller (embedded default); local: worker "
+            "subprocesses; external: workers started by someone else (Compose, Kubernetes)."
+        ),
+    )
+    workers: dict[str, int] = Field(
+        default_factory=dict, description="Workers per stage, e.g. {augment: 4}; default 1."
+    )
+    default_workers: int = Field(default=1, ge=1, le=1024, description="Workers for unlisted stages.")
+    max_restarts: int = Field(
+        default=10, ge=0, description="local: restarts of crashed worker processes per stage."
+    )
+    failure_budget: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of a stage's shards that may end dead-lettered without failing the run.",
+    )
+
+    def workers_for(self, stage: str) -> int:
+        return self.workers.get(stage, self.default_workers)
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> LauncherConfig:
+        for stage, n in self.workers.items():
+            if stage not in STAGE_ORDER:
+                raise ValueError(f"workers: unknown stage {stage!r} (known: {', '.join(STAGE_ORDER)})")
+            if n < 1:
+                raise ValueError(f"workers.{stage}: must be >= 1, got {n}")
+        return self
+
+
+def _weights(field: str, value: dict[Any, float], allowed: tuple[Any, ...] | None = None) -> None:
+    if allowed is not None:
+        bad = [k for k in value if k not in allowed]
+        if bad:
+            raise ValueError(f"{field}: {bad[0]} images is not a layout (allowed: {list(allowed)})")
+    if not value:
+        raise ValueError(f"{field}: needs at least one entry")
+    if any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+        raise ValueError(f"{field}: weights must be >= 0 with a positive sum")
+
+
+SEQUENCE_COUNTS = (2, 3, 4, 5)
+GRID_COUNTS = (2, 3, 4, 6, 9)
+
+
+class AugmentConfig(Section):
+    formats: dict[Literal["sequence", "grid", "pic_in_pic"], float] = Field(
+        default={"sequence": 1.0, "grid": 1.0, "pic_in_pic": 1.0},
+        description="Relative weight of each format; each source sample gets one format.",
+    )
+    sequence_counts: dict[int, float] = Field(
+        # Image-count mix of the reference's 62,461 sequence samples.
+        default={2: 0.55, 3: 0.16, 4: 0.16, 5: 0.13},
+        description="Sequence: weight of each image count (2-5).",
+    )
+    grid_counts: dict[int, float] = Field(
+        # Image-count mix of the reference's 90,000 collages.
+        default={2: 0.53, 3: 0.16, 4: 0.16, 6: 0.08, 9: 0.08},
+        description="Grid collage: weight of each image count (2, 3, 4, 6, 9).",
+    )
+    grid_tile_px: int = Field(default=448, ge=16, description="Grid: side of a square tile (px).")
+    grid_margin_px: int = Field(
+        default=40, ge=0, description="Grid: gap between tiles and height of the label band (px)."
+    )
+    grid_label_font_px: int = Field(default=36, ge=6, description="Grid: label font size (px).")
+    pip_scale: float = Field(
+        default=0.7,
+        gt=0.0,
+        lt=1.0,
+        description="Pic-in-pic: the target fits within this fraction of the background's sides.",
+    )
+    pip_phrasings: list[str] | None = Field(
+        default=None,
+        description="Pic-in-pic: question prefixes naming the centre image (null: built-in list).",
+    )
+    skip_bbox_for: list[Literal["grid", "pic_in_pic"]] = Field(
+        default=["grid", "pic_in_pic"],
+        description=(
+            "Formats that must not carry questions with [x1, y1, x2, y2] coordinates (they move "
+            "when images are composed); such samples are given the sequence format instead, "
+            "or dropped when sequence has weight 0."
+        ),
+    )
+    image_format: Literal["jpeg", "png"] = Field(
+        default="jpeg", description="Encoding of composed images (grid, pic-in-pic)."
+    )
+    jpeg_quality: int = Field(default=95, ge=1, le=100, description="JPEG quality of composed images.")
+    max_distractor_tries: int = Field(
+        default=20,
+        ge=0,
+        description="Unreadable distractors skipped before a sample is dropped.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        _weights("formats", self.formats)
+        _weights("sequence_counts", self.sequence_counts, SEQUENCE_COUNTS)
+        _weights("grid_counts", self.grid_counts, GRID_COUNTS)
+        if self.pip_phrasings is not None:
+            bad = [p for p in self.pip_phrasings if "{question}" not in p]
+            if not self.pip_phrasings or bad:
+                raise ValueError("pip_phrasings: each entry must contain '{question}'")
+        return self
+
+
+class RunConfig(Section):
+    """Everything one run needs. Stored (without credentials) under runs/{run_id}/."""
+
+    run_id: str | None = Field(default=None, description="Run id (null: generated, or --run-id).")
+    seed: int = Field(default=0, ge=0, description="Run seed; each sample is seeded from (seed, id).")
+    stages: list[Literal["augment"]] = Field(
+        default=list(STAGE_ORDER), description="Stages to run, in pipeline order."
+    )
+    input: InputConfig = Field(default_factory=InputConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.queue.backend == "memory" and self.launcher.kind != "inline":
+            raise ValueError(
+                f"launcher.kind {self.launcher.kind!r} needs queue.backend 'redis' "
+                "(an in-process queue is visible only to inline workers)"
+            )
+        order = [s for s in STAGE_ORDER if s in self.stages]
+        if order != list(self.stages):
+            raise ValueError(f"stages: must follow pipeline order {list(STAGE_ORDER)}")
+        return self
+
+    def stage_params(self) -> dict[str, Any]:
+        """The part of the config that decides outputs: a resumed run must not change it."""
+        return self.model_dump(mode="json", include={"seed", "input", "augment"})
+
+
+# Environment variable -> (section, field). Applied after the file, so the
+# environment always wins; credentials have no file field to lose to.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "MIA_DPO_REDIS_URL": ("queue", "url"),
+    "MIA_DPO_REDIS_PASSWORD": ("queue", "password"),
+    "MIA_DPO_S3_ENDPOINT": ("store", "endpoint"),
+    "MIA_DPO_S3_BUCKET": ("store", "bucket"),
+    "MIA_DPO_S3_PREFIX": ("store", "prefix"),
+    "MIA_DPO_S3_SECURE": ("store", "secure"),
+    "MIA_DPO_S3_REGION": ("store", "region"),
+    "MIA_DPO_S3_ACCESS_KEY": ("store", "access_key"),
+    "MIA_DPO_S3_SECRET_KEY": ("store", "secret_key"),
+}
+SECRET_FIELDS = {("queue", "password"), ("store", "access_key"), ("store", "secret_key")}
+
+
+def _redis_url_from_env(raw: str, section: dict[str, Any]) -> None:
+    """A Redis URL from the environment may carry a password: split it out."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(raw)
+    if parts.password:
+        section["password"] = parts.password
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        raw = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    section["url"] = raw
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: `source: field.path: message` for every problem."""
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> RunConfig:
+    """Read the YAML file (or defaults), apply overrides then the environment, validate."""
+    environ = dict(os.environ if environ is None else environ)
+    source = str(path) if path else "config"
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{p}: not valid YAML: {first}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+        for section, field in SECRET_FIELDS:
+            if isinstance(raw.get(section), dict) and field in raw[section]:
+                raise UserError(
+                    f"{p}: {section}.{field}: credentials are read only from the environment "
+                    f"({_env_name(section, field)}), never from a config file"
+                )
+    for dotted, value in (overrides or {}).items():
+        target = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = value
+    for var, (section, field) in ENV_OVERRIDES.items():
+        if environ.get(var) not in (None, ""):
+            sec = raw.setdefault(section, {})
+            if not isinstance(sec, dict):
+                continue  # the validator reports the malformed section
+            if var == "MIA_DPO_REDIS_URL":
+                _redis_url_from_env(environ[var], sec)
+            else:
+                sec[field] = environ[var]
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def _env_name(section: str, field: str) -> str:
+    return next(k for k, v in ENV_OVERRIDES.items() if v == (section, field))

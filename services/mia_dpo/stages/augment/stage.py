@@ -1,0 +1,225 @@
+"""The augment stage (method.md section 1): one multi-image prompt per source sample.
+
+For each source sample of the shard, in order: draw a format and an image count
+from the configured mix, a random position for the target, distractors from the
+same source subset (never the target image), then build the images the model will
+see and rewrite the question so it names the target. Every draw comes from an RNG
+seeded by (run seed, sample id), so any worker, any rerun, gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import OrderedDict
+from typing import Any
+
+from PIL import Image
+
+from mia_dpo.config import GRID_COUNTS, SEQUENCE_COUNTS, AugmentConfig, RunConfig
+from mia_dpo.data.source import SourceSample, decode_image, parse_sample, resolve_image
+from mia_dpo.errors import NotFound, SampleError
+from mia_dpo.records import FORMATS, AugmentedSample, Format, ShardStats, Task, Turn
+from mia_dpo.runtime import layout
+from mia_dpo.stages.augment.compose import compose_grid, compose_pic_in_pic, encode_image, grid_layout
+from mia_dpo.stages.augment.prompts import (
+    DEFAULT_PIP_PHRASINGS,
+    choose_phrasing,
+    grid_prompt,
+    has_bbox,
+    later_turn,
+    pip_prompt,
+    sequence_prompt,
+    strip_image_tag,
+)
+from mia_dpo.stages.base import DropLog, StageContext
+
+
+def sample_rng(seed: int, sample_id: str) -> random.Random:
+    """Independent of worker, shard size and PYTHONHASHSEED."""
+    digest = hashlib.sha256(f"{seed}\x00{sample_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _pick(rng: random.Random, weights: dict[Any, float], order: list[Any]) -> Any:
+    keys = [k for k in order if weights.get(k, 0) > 0]  # canonical order, not YAML order
+    return rng.choices(keys, [weights[k] for k in keys])[0]
+
+
+class ImageLoader:
+    """Resolves, reads and decodes source images, remembering recent results:
+    the same distractors come up again and again within a shard."""
+
+    def __init__(self, ctx: StageContext, capacity: int = 64) -> None:
+        self.ctx = ctx
+        self.inp = ctx.config.input
+        self.capacity = capacity
+        self._cache: OrderedDict[str, Image.Image | SampleError] = OrderedDict()
+
+    def uri(self, rel: str) -> str:
+        return resolve_image(self.inp.image_root, rel)
+
+    def load(self, rel: str) -> Image.Image:
+        hit = self._cache.get(rel)
+        if hit is None:
+            hit = self._load(rel)
+            self._cache[rel] = hit
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(rel)
+        if isinstance(hit, SampleError):
+            raise hit
+        return hit
+
+    def _load(self, rel: str) -> Image.Image | SampleError:
+        try:
+            uri = self.uri(rel)
+            try:
+                data = self.ctx.blobs.read(uri)
+            except NotFound:
+                return SampleError("image_missing", f"image {rel}: not found under {self.inp.image_root}")
+            except OSError as e:
+                return SampleError("image_unreadable", f"image {rel}: {e}")
+            return decode_image(data, rel, self.inp.max_image_pixels, self.inp.min_image_side_px)
+        except SampleError as e:
+            return e
+
+
+def draw_distractors(
+    rng: random.Random, pool: list[str], target: str, k: int, loader: ImageLoader, max_failures: int
+) -> list[tuple[str, Image.Image]]:
+    """k distinct loadable images of the pool, never the target, in random order."""
+    tries = min(len(pool), k + max_failures + 1)
+    picked: list[tuple[str, Image.Image]] = []
+    failures = 0
+    for idx in rng.sample(range(len(pool)), tries):
+        rel = pool[idx]
+        if rel == target:
+            continue
+        try:
+            picked.append((rel, loader.load(rel)))
+        except SampleError:
+            failures += 1
+            if failures > max_failures:
+                break
+            continue
+        if len(picked) == k:
+            return picked
+    raise SampleError(
+        "too_few_distractors",
+        f"source pool has {len(picked)} usable distractor images, {k} needed "
+        f"({failures} unreadable)",
+    )
+
+
+def _image_key(run_id: str, shard: int, sample_id: str, ext: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:80]
+    tag = hashlib.sha1(sample_id.encode()).hexdigest()[:8]  # keeps sanitised ids apart
+    return f"runs/{run_id}/augment/images/shard-{shard:05d}/{safe}-{tag}.{ext}"
+
+
+def choose_format(rng: random.Random, sample: SourceSample, acfg: AugmentConfig) -> tuple[Format, bool]:
+    """Draw the format; a bbox question cannot go into a composed image. Returns
+    (format, whether it fell back to sequence because of coordinates)."""
+    fmt: Format = _pick(rng, acfg.formats, list(FORMATS))
+    if fmt in acfg.skip_bbox_for and any(has_bbox(t.question) or has_bbox(t.answer) for t in sample.turns):
+        if acfg.formats.get("sequence", 0) > 0:
+            return "sequence", True
+        raise SampleError("bbox_coordinates", f"{fmt}: the conversation holds [x1, y1, x2, y2] coordinates")
+    return fmt, False
+
+
+def augment_sample(
+    sample: SourceSample, pools: dict[str, list[str]], loader: ImageLoader, cfg: RunConfig, ctx_key: tuple[str, int]
+) -> tuple[AugmentedSample, bool]:
+    acfg = cfg.augment
+    run_id, shard = ctx_key
+    rng = sample_rng(cfg.seed, sample.id)
+    fmt, fell_back = choose_format(rng, sample, acfg)
+    if fmt == "sequence":
+        n = _pick(rng, acfg.sequence_counts, list(SEQUENCE_COUNTS))
+    elif fmt == "grid":
+        n = _pick(rng, acfg.grid_counts, list(GRID_COUNTS))
+    else:
+        n = 2
+    position = rng.randrange(n)  # 0-based slot of the target
+    phrasing = choose_phrasing(rng, acfg.pip_phrasings or DEFAULT_PIP_PHRASINGS)
+    target = loader.load(sample.image)  # validates the target even when it is only referenced
+    distractors = draw_distractors(
+        rng, pools.get(sample.source, []), sample.image, n - 1, loader, acfg.max_distractor_tries
+    )
+    question = strip_image_tag(sample.turns[0].question)
+    sample_id = f"{sample.id}-{fmt}"
+    ext = "jpg" if acfg.image_format == "jpeg" else "png"
+    common: dict[str, Any] = {
+        "sample_id": sample_id, "source_id": sample.id, "source": sample.source, "format": fmt,
+        "n_images": n, "chosen": sample.turns[0].answer, "target_image": sample.image,
+        "distractor_images": [rel for rel, _ in distractors],
+    }
+    if fmt == "pic_in_pic":
+        (bg_rel, background), = distractors
+        composite, box = compose_pic_in_pic(background, target, acfg.pip_scale)
+        k = 2  # the inset; picture 1 is the background
+        key = _image_key(run_id, shard, sample_id, ext)
+        loader.ctx.store.put_bytes(key, encode_image(composite, acfg.image_format, acfg.jpeg_quality))
+        record = dict(images=[loader.ctx.store.uri(key)], target_index=k, target_box=box,
+                      prompt=pip_prompt(phrasing, question))
+    else:
+        ordered = [rel for rel, _ in distractors]
+        ordered.insert(position, sample.image)
+        k = position + 1
+        if fmt == "sequence":
+            record = dict(images=[loader.uri(rel) for rel in ordered], target_index=k,
+                          prompt=sequence_prompt(n, k, question))
+        else:
+            imgs = [img for _, img in distractors]
+            imgs.insert(position, target)
+            canvas, boxes = compose_grid(imgs, acfg.grid_tile_px, acfg.grid_margin_px, acfg.grid_label_font_px)
+            key = _image_key(run_id, shard, sample_id, ext)
+            loader.ctx.store.put_bytes(key, encode_image(canvas, acfg.image_format, acfg.jpeg_quality))
+            record = dict(images=[loader.ctx.store.uri(key)], target_index=k, layout=grid_layout(n),
+                          target_box=boxes[position], prompt=grid_prompt(k, question))
+    turns = [
+        Turn(question=later_turn(fmt, k, phrasing, strip_image_tag(t.question)), answer=t.answer)
+        for t in sample.turns[1:]
+    ]
+    return AugmentedSample(**common, **record, turns=turns), fell_back
+
+
+def run_shard(task: Task, ctx: StageContext) -> ShardStats:
+    cfg = ctx.config
+    pools_cache = f"pools:{task.run_id}"
+    if pools_cache not in ctx.cache:
+        ctx.cache[pools_cache] = ctx.store.get_json(layout.pools_key(task.run_id))
+    pools: dict[str, list[str]] = ctx.cache[pools_cache]  # type: ignore[assignment]
+    stats = ShardStats(stage="augment", shard=task.shard)
+    drops = DropLog(stats)
+    loader = ImageLoader(ctx)
+    out: list[str] = []
+    fallbacks = 0
+    for row in ctx.store.get_jsonl(layout.shard_key(task.run_id, "plan", task.shard)):
+        rec = json.loads(row)
+        line, raw = rec["line"], rec["raw"]
+        stats.total += 1
+        raw_id = raw.get("id") if isinstance(raw, dict) else None
+        label = str(raw_id) if raw_id not in (None, "") else f"line-{line}"
+        if rec.get("duplicate_of"):
+            drops.drop(label, "duplicate_id", f"id {label!r} already used on line {rec['duplicate_of']}")
+            continue
+        try:
+            sample = parse_sample(raw, line)
+            record, fell_back = augment_sample(sample, pools, loader, cfg, (task.run_id, task.shard))
+        except SampleError as e:
+            drops.drop(label, e.reason, e.detail)
+            continue
+        fallbacks += fell_back
+        out.append(record.model_dump_json())
+        stats.kept += 1
+    ctx.store.put_jsonl(layout.shard_key(task.run_id, "augment", task.shard), out)
+    drops.write(ctx.store, task)
+    if fallbacks:
+        stats.notes["bbox_to_sequence"] = fallbacks
+    return stats
