@@ -1,0 +1,319 @@
+"""Reading LLaVA-format source data: the index file, its samples, and their images.
+
+Pure functions over bytes and dicts; the caller fetches bytes from wherever they live.
+Anything wrong with one sample raises `SampleError(reason, detail)` so the stage can
+count it under `reason` and move on; only a file that cannot be read at all is a
+`UserError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import re
+import threading
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict
+
+from mia_dpo.errors import SampleError, UserError
+
+IMAGE_TAG = "<image>"
+DEFAULT_MAX_TEXT_CHARS = 20_000
+
+# Formats a LLaVA mix actually contains. Anything else (EPS would shell out to
+# Ghostscript, for one) is refused before any plugin gets to parse it.
+SAFE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+
+_BOM = b"\xef\xbb\xbf"
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_DRIVE = re.compile(r"^[A-Za-z]:")
+# PIL reads LOAD_TRUNCATED_IMAGES as a module global at load() time, and any library
+# may have set it to True. We force it off around our own loads; the lock keeps two
+# threads from restoring each other's value in the wrong order.
+_STRICT_LOAD = threading.Lock()
+
+
+class SourceTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    question: str
+    answer: str
+
+
+class SourceSample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    image: str
+    source: str
+    turns: list[SourceTurn]
+    line: int
+
+
+# --- index file ---------------------------------------------------------------------
+
+Records = list[tuple[int, object]]  # (line, raw value)
+Problems = list[tuple[int, str, str]]  # (line, reason, detail)
+
+
+def read_index(data: bytes, name: str) -> tuple[Records, Problems]:
+    """Parse a JSON list or JSONL index into (records, problems), both keyed by line."""
+    data = data.removeprefix(_BOM)
+    head = data.lstrip()
+    if not head:
+        raise UserError(f"{name}: the file is empty")
+    if head.startswith(b"["):
+        return _read_json_list(data, name), []
+    return _read_jsonl(data, name)
+
+
+def _read_json_list(data: bytes, name: str) -> Records:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lines = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{name}: not UTF-8 at line {lines} (byte {e.start})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    return [(i + 1, item) for i, item in enumerate(value)]  # valid JSON after '[' is a list
+
+
+def _read_jsonl(data: bytes, name: str) -> tuple[Records, Problems]:
+    records: Records = []
+    problems: Problems = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append((n, "not_utf8", f"{name}: line {n}: not UTF-8 at byte {e.start}"))
+            continue
+        try:
+            records.append((n, json.loads(text)))
+        except json.JSONDecodeError as e:
+            detail = f"{name}: line {n}: invalid JSON at column {e.colno}: {e.msg}"
+            problems.append((n, "invalid_json", detail))
+    if not records and problems:
+        # A pretty-printed single object fails line by line; say what it really is.
+        try:
+            whole = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if whole is not None and not isinstance(whole, list):
+            raise UserError(
+                f"{name}: top-level JSON value is a {type(whole).__name__}, "
+                "expected a list of samples or one sample per line (JSONL)"
+            )
+    return records, problems
+
+
+# --- one sample ---------------------------------------------------------------------
+
+
+def parse_sample(
+    raw: object, line: int, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+) -> SourceSample:
+    """Validate one LLaVA record; raises SampleError naming the bad field."""
+    if not isinstance(raw, dict):
+        raise SampleError("not_an_object", f"sample is a {type(raw).__name__}, not an object")
+
+    sample_id = raw.get("id")
+    if isinstance(sample_id, int) and not isinstance(sample_id, bool):
+        sample_id = str(sample_id)
+    if not isinstance(sample_id, str) or not sample_id.strip():
+        raise SampleError("missing_id", f"field 'id' must be a non-empty string, got {sample_id!r}")
+
+    image = raw.get("image")
+    if image is None or image == "":
+        raise SampleError("missing_image", "field 'image' is missing or empty")
+    if isinstance(image, list):
+        n = len(image)
+        raise SampleError("multi_image_source", f"field 'image' lists {n} images, not one")
+    if not isinstance(image, str):
+        kind = type(image).__name__
+        raise SampleError("bad_image_field", f"field 'image' must be a string, got {kind}")
+
+    turns = _parse_turns(raw.get("conversations"))
+    if IMAGE_TAG not in turns[0].question:
+        raise SampleError("no_image_tag", f"conversations[0].value has no {IMAGE_TAG} tag")
+    tags = sum(t.question.count(IMAGE_TAG) + t.answer.count(IMAGE_TAG) for t in turns)
+    if tags > 1:
+        detail = f"conversations hold {tags} {IMAGE_TAG} tags, not one"
+        raise SampleError("too_many_image_tags", detail)
+    for i, t in enumerate(turns):
+        for offset, text in ((0, t.question), (1, t.answer)):
+            if len(text) > max_text_chars:
+                raise SampleError(
+                    "prompt_too_long",
+                    f"conversations[{2 * i + offset}].value has {len(text)} characters "
+                    f"(limit {max_text_chars})",
+                )
+
+    source = _source_of(raw.get("source"), image)
+    return SourceSample(id=sample_id, image=image, source=source, turns=turns, line=line)
+
+
+def _parse_turns(conv: object) -> list[SourceTurn]:
+    if conv is None:
+        raise SampleError("missing_conversations", "field 'conversations' is missing")
+    if not isinstance(conv, list) or not conv:
+        raise SampleError("bad_conversations", "field 'conversations' must be a non-empty list")
+    texts: list[str] = []
+    for i, msg in enumerate(conv):
+        if not isinstance(msg, dict):
+            raise SampleError("bad_conversations", f"conversations[{i}] is not an object")
+        speaker, value = msg.get("from"), msg.get("value")
+        expected = "human" if i % 2 == 0 else "gpt"
+        if speaker != expected:
+            raise SampleError(
+                "bad_conversations",
+                f"conversations[{i}].from is {speaker!r}, expected {expected!r} "
+                "(turns alternate human then gpt; 'user'/'assistant' are not accepted)",
+            )
+        if not isinstance(value, str):
+            raise SampleError("bad_conversations", f"conversations[{i}].value is not a string")
+        texts.append(value)
+    # A final question with no answer gives nothing to prefer; drop it.
+    del texts[len(texts) - len(texts) % 2 :]
+    pairs = [SourceTurn(question=q, answer=a) for q, a in zip(texts[::2], texts[1::2], strict=True)]
+    if not pairs:
+        raise SampleError("bad_conversations", "field 'conversations' has no answered turn")
+    return pairs
+
+
+def _source_of(field: object, image: str) -> str:
+    if isinstance(field, str) and field.strip():
+        return field
+    folder, sep, _ = posixpath.normpath(image).partition("/")
+    if sep and folder not in ("", ".", ".."):
+        return folder
+    return "default"
+
+
+# --- image paths --------------------------------------------------------------------
+
+
+def safe_relative_path(rel: str) -> str:
+    """Normalise a data-supplied path, refusing anything that could leave the image root."""
+    if not rel:
+        raise SampleError("unsafe_path", "field 'image' is an empty path")
+    if "\0" in rel:
+        raise SampleError("unsafe_path", f"field 'image' contains a NUL byte: {rel!r}")
+    # Backslashes catch C:\x and \\server, and are never right in a posix relative path.
+    if "\\" in rel:
+        raise SampleError("unsafe_path", f"field 'image' contains a backslash: {rel!r}")
+    if rel.startswith("/") or _DRIVE.match(rel):
+        raise SampleError("unsafe_path", f"field 'image' is an absolute path: {rel!r}")
+    norm = posixpath.normpath(rel)
+    if norm == "." or norm == ".." or norm.startswith("../"):
+        raise SampleError("unsafe_path", f"field 'image' climbs out of the image root: {rel!r}")
+    return norm
+
+
+def resolve_image(root: str, rel: str) -> str:
+    """Join an image root (local dir or s3://bucket/prefix) and a sample's image path."""
+    safe = safe_relative_path(rel)
+    if root.startswith("s3://"):
+        if not root[len("s3://") :].split("/", 1)[0]:
+            raise UserError(f"image root {root!r} names no bucket")
+        return f"{root.rstrip('/')}/{safe}"
+    base = os.path.realpath(root)
+    path = os.path.join(base, safe)
+    # A symlink inside the root may still point anywhere; judge where it lands.
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base:
+        raise SampleError("unsafe_path", f"field 'image' {rel!r} resolves outside the image root")
+    return path
+
+
+# --- image bytes --------------------------------------------------------------------
+
+
+def decode_image(data: bytes, name: str, max_pixels: int, min_side: int) -> Image.Image:
+    """Decode to a fully loaded, upright RGB image, checking its size before decoding."""
+    if not data:
+        raise SampleError("image_empty", f"{name}: image file is empty")
+    with _STRICT_LOAD, warnings.catch_warnings():
+        # PIL's own bomb guard (about 89M pixels) stays a ceiling above max_pixels.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im = _open_checked(data, name, max_pixels, min_side)
+            try:
+                im.load()  # first frame only: open() leaves a multi-frame file on frame 0
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise SampleError("image_too_large", f"{name}: {e}") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                reason = "image_truncated" if "truncat" in str(e).lower() else "image_unreadable"
+                raise SampleError(reason, f"{name}: cannot decode pixels: {e}") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    # A corrupt EXIF block leaves the pixels usable as stored, so it is not a drop reason.
+    with contextlib.suppress(Exception):
+        im = ImageOps.exif_transpose(im)
+    return _to_rgb(im, name)
+
+
+def _open_checked(data: bytes, name: str, max_pixels: int, min_side: int) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("image_too_large", f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        detail = f"{name}: not an image in a supported format {SAFE_FORMATS}"
+        raise SampleError("image_unreadable", detail) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise SampleError("image_unreadable", f"{name}: bad image header: {e}") from None
+    width, height = im.size  # from the header; no pixel has been decoded yet
+    size = f"{name}: {width}x{height}"
+    if width * height > max_pixels:
+        raise SampleError("image_too_large", f"{size} exceeds {max_pixels} pixels")
+    if min(width, height) < min_side:
+        raise SampleError("image_too_small", f"{size} has a side under {min_side} px")
+    return im
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    mode = im.mode
+    try:
+        if mode == "RGB" and "transparency" not in im.info:
+            return im
+        if mode.startswith("I") or mode == "F":
+            return Image.fromarray(_deep_to_uint8(np.asarray(im))).convert("RGB")
+        if mode in _ALPHA_MODES or "transparency" in im.info:
+            # Transparent pixels hide arbitrary colour underneath; show them as white paper.
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")  # 1, L, P, CMYK, YCbCr
+    except (ValueError, OSError) as e:
+        raise SampleError("image_unreadable", f"{name}: cannot convert mode {mode}: {e}") from None
+
+
+def _deep_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale >8-bit grayscale to 0..255 by value range, never by clipping."""
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64))
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            return np.rint(arr * 255.0).astype(np.uint8)
+        span = hi - lo or 1.0
+        return np.rint((arr - lo) * (255.0 / span)).astype(np.uint8)
+    wide = arr.astype(np.int64)
+    lo, hi = int(wide.min()), int(wide.max())
+    if lo >= 0 and hi <= 65535:
+        # 16-bit data (PNG/TIFF), whether PIL holds it as I;16 or widened to I.
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    span = hi - lo or 1
+    return ((wide - lo) * 255 // span).astype(np.uint8)
