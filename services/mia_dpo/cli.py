@@ -42,7 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     run_id = _run_id(args.run_id, cfg)
     store, queue = _connections(cfg)
-    controller = Controller(cfg, run_id, store, queue, config_path=args.config, progress=not args.quiet)
+    controller = Controller(
+        cfg, run_id, store, queue, config_path=args.config, progress=not args.quiet
+    )
     print(f"run {run_id}: store {store.uri('runs/' + run_id)}", file=sys.stderr)
     try:
         outcomes = controller.run()
@@ -101,7 +103,9 @@ def cmd_augment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     overrides: dict[str, object] = {
         "input.path": str(Path(args.input).resolve()),
-        "input.image_root": args.image_root if args.image_root.startswith("s3://") else str(Path(args.image_root).resolve()),
+        "input.image_root": args.image_root
+        if args.image_root.startswith("s3://")
+        else str(Path(args.image_root).resolve()),
         "store.backend": "local",
         "store.root": str(out),
         "queue.backend": "memory",

@@ -56,11 +56,17 @@ class StoreConfig(Section):
         default="localhost:9000",
         description="S3 backend: host:port of the S3/MinIO endpoint (env MIA_DPO_S3_ENDPOINT).",
     )
-    bucket: str = Field(default="mia-dpo", description="S3 backend: bucket (env MIA_DPO_S3_BUCKET).")
+    bucket: str = Field(
+        default="mia-dpo", description="S3 backend: bucket (env MIA_DPO_S3_BUCKET)."
+    )
     prefix: str = Field(default="", description="S3 backend: key prefix inside the bucket.")
     secure: bool = Field(default=False, description="S3 backend: use TLS (env MIA_DPO_S3_SECURE).")
-    region: str | None = Field(default=None, description="S3 backend: region (env MIA_DPO_S3_REGION).")
-    create_bucket: bool = Field(default=True, description="S3 backend: create the bucket if missing.")
+    region: str | None = Field(
+        default=None, description="S3 backend: region (env MIA_DPO_S3_REGION)."
+    )
+    create_bucket: bool = Field(
+        default=True, description="S3 backend: create the bucket if missing."
+    )
     retry_seconds: float = Field(
         default=120.0,
         gt=0,
@@ -74,7 +80,7 @@ class StoreConfig(Section):
 class QueueConfig(Section):
     backend: Literal["memory", "redis"] = Field(
         default="memory",
-        description="memory: in-process (one controller process); redis: shared by worker processes.",
+        description="memory: in-process, one controller process; redis: shared by processes.",
     )
     url: str = Field(
         default="redis://localhost:6379/0",
@@ -84,7 +90,7 @@ class QueueConfig(Section):
     lease_seconds: float = Field(
         default=60.0,
         gt=0,
-        description="A claimed task not heartbeated for this long is reclaimed by another worker (s).",
+        description="A claimed task not renewed for this long is reclaimed by another worker (s).",
     )
     max_attempts: int = Field(
         default=3, ge=1, description="Deliveries of a task before it is dead-lettered."
@@ -114,7 +120,9 @@ class LauncherConfig(Section):
     workers: dict[str, int] = Field(
         default_factory=dict, description="Workers per stage, e.g. {augment: 4}; default 1."
     )
-    default_workers: int = Field(default=1, ge=1, le=1024, description="Workers for unlisted stages.")
+    default_workers: int = Field(
+        default=1, ge=1, le=1024, description="Workers for unlisted stages."
+    )
     max_restarts: int = Field(
         default=10, ge=0, description="local: restarts of crashed worker processes per stage."
     )
@@ -122,7 +130,7 @@ class LauncherConfig(Section):
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="Fraction of a stage's shards that may end dead-lettered without failing the run.",
+        description="Fraction of a stage's shards that may be dead-lettered and the run go on.",
     )
 
     def workers_for(self, stage: str) -> int:
@@ -132,7 +140,9 @@ class LauncherConfig(Section):
     def _known_stages(self) -> LauncherConfig:
         for stage, n in self.workers.items():
             if stage not in STAGE_ORDER:
-                raise ValueError(f"workers: unknown stage {stage!r} (known: {', '.join(STAGE_ORDER)})")
+                raise ValueError(
+                    f"workers: unknown stage {stage!r} (known: {', '.join(STAGE_ORDER)})"
+                )
             if n < 1:
                 raise ValueError(f"workers.{stage}: must be >= 1, got {n}")
         return self
@@ -194,7 +204,9 @@ class AugmentConfig(Section):
     image_format: Literal["jpeg", "png"] = Field(
         default="jpeg", description="Encoding of composed images (grid, pic-in-pic)."
     )
-    jpeg_quality: int = Field(default=95, ge=1, le=100, description="JPEG quality of composed images.")
+    jpeg_quality: int = Field(
+        default=95, ge=1, le=100, description="JPEG quality of composed images."
+    )
     max_distractor_tries: int = Field(
         default=20,
         ge=0,
@@ -217,7 +229,9 @@ class RunConfig(Section):
     """Everything one run needs. Stored (without credentials) under runs/{run_id}/."""
 
     run_id: str | None = Field(default=None, description="Run id (null: generated, or --run-id).")
-    seed: int = Field(default=0, ge=0, description="Run seed; each sample is seeded from (seed, id).")
+    seed: int = Field(
+        default=0, ge=0, description="Run seed; each sample is seeded from (seed, id)."
+    )
     stages: list[Literal["augment"]] = Field(
         default=list(STAGE_ORDER), description="Stages to run, in pipeline order."
     )

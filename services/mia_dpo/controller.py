@@ -140,7 +140,10 @@ def plan_run(store: Store, blobs: BlobReader, cfg: RunConfig, run_id: str) -> Pl
     store.put_json(layout.pools_key(run_id), pools)
     store.put_json(layout.stage_stats_key(run_id, "plan"), stats.model_dump())
     plan = Plan(
-        input=cfg.input.path, input_sha256=digest, n_records=len(records), n_shards=n_shards,
+        input=cfg.input.path,
+        input_sha256=digest,
+        n_records=len(records),
+        n_shards=n_shards,
         shard_size=size,
     )
     store.put_json(layout.plan_key(run_id), plan.model_dump())  # last: the plan's marker
@@ -222,5 +225,7 @@ class Controller:
                 f"(failure budget allows {allowed}); first error: {first}. "
                 f"See `mia-dpo status {run_id}`; fix and rerun the same --run-id to retry them."
             )
-        store.put_json(layout.stage_done_key(run_id, stage), {"at": time.time(), "dead_shards": dead})
+        store.put_json(
+            layout.stage_done_key(run_id, stage), {"at": time.time(), "dead_shards": dead}
+        )
         return StageOutcome(stage, False, total, dead)

@@ -50,7 +50,9 @@ def _thumbs(sample: AugmentedSample, blobs: BlobReader) -> list[Image.Image]:
     return out
 
 
-def contact_sheet(store: Store, cfg: RunConfig, run_id: str, out: Path, per_format: int = 3) -> Path:
+def contact_sheet(
+    store: Store, cfg: RunConfig, run_id: str, out: Path, per_format: int = 3
+) -> Path:
     blobs = BlobReader(cfg.store)
     font = ImageFont.load_default(size=14)
     title_font = ImageFont.load_default(size=20)
@@ -70,7 +72,12 @@ def contact_sheet(store: Store, cfg: RunConfig, run_id: str, out: Path, per_form
     height = 50 + sum(THUMB_H + PAD for _ in rows) + PAD
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((PAD, PAD), f"mia-dpo run {run_id}: augmented samples (target in red)", fill="black", font=title_font)
+    draw.text(
+        (PAD, PAD),
+        f"mia-dpo run {run_id}: augmented samples (target in red)",
+        fill="black",
+        font=title_font,
+    )
     y = 50
     for text, thumbs in rows:
         draw.multiline_text((PAD, y), text, fill="black", font=font, spacing=3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pydantic import BaseModel
 
 from mia_dpo.controller import Plan, done_shards
@@ -50,10 +52,12 @@ def run_status(store: Store, queue: Queue | None, run_id: str) -> RunStatus:
             queued, leased = c.queued, c.leased
             dead = queue.dead_letters(run_id, stage)
         if not dead:
-            try:  # an in-process run leaves its dead letters in the store
-                dead = [DeadLetter.model_validate(d) for d in store.get_json(layout.dead_key(run_id, stage))]
-            except NotFound:
-                pass
+            # an in-process run leaves its dead letters in the store
+            with contextlib.suppress(NotFound):
+                dead = [
+                    DeadLetter.model_validate(d)
+                    for d in store.get_json(layout.dead_key(run_id, stage))
+                ]
         if store.exists(layout.stage_done_key(run_id, stage)):
             state = "done"
         elif dead and not queued and not leased:
@@ -64,19 +68,29 @@ def run_status(store: Store, queue: Queue | None, run_id: str) -> RunStatus:
             state = "pending"
         stages.append(
             StageStatus(
-                stage=stage, state=state, shards_total=plan.n_shards, shards_done=len(markers),
-                queued=queued, leased=leased, dead=dead, stats=stats,
+                stage=stage,
+                state=state,
+                shards_total=plan.n_shards,
+                shards_done=len(markers),
+                queued=queued,
+                leased=leased,
+                dead=dead,
+                stats=stats,
             )
         )
-    return RunStatus(run_id=run_id, n_records=plan.n_records, plan_dropped=plan_stats.dropped, stages=stages)
+    return RunStatus(
+        run_id=run_id, n_records=plan.n_records, plan_dropped=plan_stats.dropped, stages=stages
+    )
 
 
 def format_status(st: RunStatus) -> str:
     lines = [f"run {st.run_id}: {st.n_records} input records"]
     if st.plan_dropped:
         lines.append("  unreadable index lines: " + _reasons(st.plan_dropped))
-    header = f"{'stage':<10}{'state':<9}{'done':>11}{'queued':>8}{'leased':>8}{'dead':>6}{'kept':>8}{'dropped':>9}"
-    lines.append(header)
+    lines.append(
+        f"{'stage':<10}{'state':<9}{'done':>11}{'queued':>8}{'leased':>8}{'dead':>6}"
+        f"{'kept':>8}{'dropped':>9}"
+    )
     for s in st.stages:
         dropped = sum(s.stats.dropped.values())
         lines.append(

@@ -31,7 +31,7 @@ class Launcher(ABC):
     @abstractmethod
     def start(self, run_id: str, stage: str, n: int) -> None: ...
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - optional hook, most launchers need nothing
         """Called while waiting: keep workers alive, raise LaunchError when it cannot."""
 
     @abstractmethod
@@ -50,7 +50,9 @@ class InlineLauncher(Launcher):
         self.stop_event.clear()
         for i in range(n):
             worker = Worker(self.cfg, run_id, stage, self.store, self.queue, stop=self.stop_event)
-            t = threading.Thread(target=self._run, args=(worker,), name=f"{stage}-worker-{i}", daemon=True)
+            t = threading.Thread(
+                target=self._run, args=(worker,), name=f"{stage}-worker-{i}", daemon=True
+            )
             t.start()
             self.threads.append(t)
 
@@ -89,7 +91,16 @@ class LocalLauncher(Launcher):
         return subprocess.Popen(self._argv)
 
     def start(self, run_id: str, stage: str, n: int) -> None:
-        self._argv = [sys.executable, "-m", "mia_dpo", "worker", "--stage", stage, "--run-id", run_id]
+        self._argv = [
+            sys.executable,
+            "-m",
+            "mia_dpo",
+            "worker",
+            "--stage",
+            stage,
+            "--run-id",
+            run_id,
+        ]
         if self.config_path:
             self._argv += ["--config", self.config_path]
         self.restarts = 0

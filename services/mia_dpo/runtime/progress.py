@@ -13,7 +13,12 @@ from typing import TextIO
 
 class Progress:
     def __init__(
-        self, stage: str, total: int, already: int, enabled: bool = True, stream: TextIO | None = None
+        self,
+        stage: str,
+        total: int,
+        already: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
     ) -> None:
         self.stage, self.total, self.already = stage, total, already
         self.enabled = enabled

@@ -96,7 +96,9 @@ class Queue(ABC):
     def requeue_dead(self, run_id: str, stage: str) -> int:
         """Move dead-lettered tasks back to the queue with a fresh attempt count."""
 
-    def wait_for_work(self, run_id: str, stage: str, consumer: str, stop: threading.Event) -> Lease | None:
+    def wait_for_work(
+        self, run_id: str, stage: str, consumer: str, stop: threading.Event
+    ) -> Lease | None:
         """claim(), polling with backoff up to poll_seconds until work or stop or closed."""
         delay = 0.02
         while not stop.is_set():
@@ -118,7 +120,9 @@ class _MemStage:
     ready: list[str] = field(default_factory=list)  # task ids, FIFO
     tasks: dict[str, str] = field(default_factory=dict)  # live task id -> json
     attempts: dict[str, int] = field(default_factory=dict)
-    leases: dict[str, tuple[str, float, str]] = field(default_factory=dict)  # id -> (consumer, expiry, token)
+    leases: dict[str, tuple[str, float, str]] = field(
+        default_factory=dict
+    )  # id -> (consumer, expiry, token)
     dead: dict[str, DeadLetter] = field(default_factory=dict)
 
 
@@ -157,8 +161,12 @@ class MemoryQueue(Queue):
 
     def _dead(self, st: _MemStage, task_id: str, error: str, tb: str) -> None:
         st.dead[task_id] = DeadLetter(
-            task_id=task_id, task=st.tasks.pop(task_id), attempts=st.attempts.get(task_id, 0),
-            error=error, traceback=tb, at=time.time(),
+            task_id=task_id,
+            task=st.tasks.pop(task_id),
+            attempts=st.attempts.get(task_id, 0),
+            error=error,
+            traceback=tb,
+            at=time.time(),
         )
         st.leases.pop(task_id, None)
 
@@ -171,7 +179,9 @@ class MemoryQueue(Queue):
                 if expiry <= now:
                     st.leases.pop(tid)
                     if st.attempts[tid] >= self.cfg.max_attempts:
-                        self._dead(st, tid, f"lease expired {st.attempts[tid]} times (worker lost)", "")
+                        self._dead(
+                            st, tid, f"lease expired {st.attempts[tid]} times (worker lost)", ""
+                        )
                         continue
                     task_id = tid
                     break
@@ -194,7 +204,11 @@ class MemoryQueue(Queue):
             st = self._st(run_id, stage)
             if not self._owned(st, lease):
                 return False
-            st.leases[lease.task_id] = (lease.consumer, time.monotonic() + self.cfg.lease_seconds, lease.handle)
+            st.leases[lease.task_id] = (
+                lease.consumer,
+                time.monotonic() + self.cfg.lease_seconds,
+                lease.handle,
+            )
             return True
 
     def ack(self, run_id: str, stage: str, lease: Lease) -> bool:
@@ -233,8 +247,11 @@ class MemoryQueue(Queue):
         with self._lock:
             st = self._st(run_id, stage)
             return QueueCounts(
-                queued=len(st.ready), leased=len(st.leases), dead=len(st.dead),
-                opened=st.opened, closed=st.closed,
+                queued=len(st.ready),
+                leased=len(st.leases),
+                dead=len(st.dead),
+                opened=st.opened,
+                closed=st.closed,
             )
 
     def dead_letters(self, run_id: str, stage: str) -> list[DeadLetter]:

@@ -25,6 +25,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from mia_dpo.config import QueueConfig
+from mia_dpo.errors import UserError
 from mia_dpo.runtime.queue import DeadLetter, Lease, Queue, QueueCounts
 
 GROUP = "workers"
@@ -77,23 +78,31 @@ local n = redis.call('HINCRBY', KEYS[4], e[2][2], 1)
 return {e[1], e[2][2], e[2][4], n}
 """
 
-_HEARTBEAT = _OWNED + """
+_HEARTBEAT = (
+    _OWNED
+    + """
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 'ok'
 """
+)
 
 # KEYS: stream live attempts; ARGV: group consumer eid tid
-_ACK = _OWNED + """
+_ACK = (
+    _OWNED
+    + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[4])
 redis.call('HDEL', KEYS[3], ARGV[4])
 return 'ok'
 """
+)
 
 # KEYS: stream live dead attempts; ARGV: group consumer eid tid mode max error tb now
 # mode: 'fail' (retry or dead by attempts), 'dead' (dead now), 'release' (uncounted retry)
-_SETTLE = _OWNED + """
+_SETTLE = (
+    _OWNED
+    + """
 local tid, mode = ARGV[4], ARGV[5]
 local body = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])[1][2][4]
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
@@ -110,6 +119,7 @@ local neid = redis.call('XADD', KEYS[1], '*', 'id', tid, 'task', body)
 redis.call('HSET', KEYS[2], tid, neid)
 return 'retry'
 """
+)
 
 _REQUEUE_DEAD = """
 local all = redis.call('HGETALL', KEYS[3])
@@ -122,6 +132,19 @@ end
 redis.call('DEL', KEYS[3])
 return #all / 2
 """
+
+
+class _Retry(Retry):
+    """Retry connection blips, but not a refused password: redis-py counts an
+    authentication failure as a ConnectionError and would back off for a minute."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[no-untyped-def]
+        def retryable(e: Exception) -> bool:
+            if isinstance(e, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+                return False
+            return is_retryable(e) if is_retryable else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 class RedisQueue(Queue):
@@ -138,9 +161,18 @@ class RedisQueue(Queue):
             socket_timeout=30,
             socket_connect_timeout=5,
             health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40),
+            retry=_Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
+        if client is None:
+            try:
+                self.r.ping()
+            except redis.AuthenticationError:
+                raise UserError(
+                    f"queue.url {cfg.url}: Redis refused the password (MIA_DPO_REDIS_PASSWORD)"
+                ) from None
+            except redis.ConnectionError as e:
+                raise UserError(f"queue.url {cfg.url}: cannot reach Redis: {e}") from None
         self._enqueue = self.r.register_script(_ENQUEUE)
         self._claim = self.r.register_script(_CLAIM)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
@@ -197,15 +229,30 @@ class RedisQueue(Queue):
 
     def ack(self, run_id: str, stage: str, lease: Lease) -> bool:
         keys = self._keys(run_id, stage, "stream", "live", "attempts")
-        return self._ack(keys=keys, args=[GROUP, lease.consumer, lease.handle, lease.task_id]) == "ok"
+        return (
+            self._ack(keys=keys, args=[GROUP, lease.consumer, lease.handle, lease.task_id]) == "ok"
+        )
 
-    def _do_settle(self, run_id: str, stage: str, lease: Lease, mode: str, error: str, tb: str) -> str:
+    def _do_settle(
+        self, run_id: str, stage: str, lease: Lease, mode: str, error: str, tb: str
+    ) -> str:
         keys = self._keys(run_id, stage, "stream", "live", "dead", "attempts")
-        args = [GROUP, lease.consumer, lease.handle, lease.task_id, mode, self.cfg.max_attempts,
-                error, tb, time.time()]
+        args = [
+            GROUP,
+            lease.consumer,
+            lease.handle,
+            lease.task_id,
+            mode,
+            self.cfg.max_attempts,
+            error,
+            tb,
+            time.time(),
+        ]
         return str(self._settle(keys=keys, args=args))
 
-    def fail(self, run_id: str, stage: str, lease: Lease, error: str, tb: str, final: bool = False) -> str:
+    def fail(
+        self, run_id: str, stage: str, lease: Lease, error: str, tb: str, final: bool = False
+    ) -> str:
         return self._do_settle(run_id, stage, lease, "dead" if final else "fail", error, tb)
 
     def release(self, run_id: str, stage: str, lease: Lease) -> None:
@@ -225,8 +272,11 @@ class RedisQueue(Queue):
             except redis.ResponseError:
                 leased = 0
         return QueueCounts(
-            queued=length - leased, leased=leased, dead=n_dead,
-            opened=st.get("opened") == "1", closed=st.get("closed") == "1",
+            queued=length - leased,
+            leased=leased,
+            dead=n_dead,
+            opened=st.get("opened") == "1",
+            closed=st.get("closed") == "1",
         )
 
     def dead_letters(self, run_id: str, stage: str) -> list[DeadLetter]:

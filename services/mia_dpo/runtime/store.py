@@ -37,7 +37,9 @@ def check_key(key: str) -> str:
 
 class Store(ABC):
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None: ...
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -86,7 +88,9 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Temp file in the same directory so the rename is atomic: a reader sees the
@@ -151,7 +155,9 @@ def retrying(fn: Callable[[], T], what: str, budget_seconds: float) -> T:
             if not _is_transient(e):
                 raise
             if time.monotonic() + delay > deadline:
-                raise TransientStoreError(f"{what}: S3 unreachable for {budget_seconds:.0f}s: {e}") from e
+                raise TransientStoreError(
+                    f"{what}: S3 unreachable for {budget_seconds:.0f}s: {e}"
+                ) from e
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
@@ -208,7 +214,9 @@ class S3Store(Store):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         name = self._obj(key)
         self._call(
             lambda: self.client.put_object(
@@ -253,7 +261,10 @@ class S3Store(Store):
         full = (f"{self.prefix}/" if self.prefix else "") + prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         objs = self._call(
-            lambda: [o.object_name for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)],
+            lambda: [
+                o.object_name
+                for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)
+            ],
             f"list {full}",
         )
         return iter(sorted(name[strip:] for name in objs))

@@ -72,9 +72,13 @@ def load_run_config(store: Store, run_id: str, local: RunConfig) -> RunConfig:
     try:
         stored = store.get_json(layout.config_key(run_id))
     except NotFound:
-        raise UserError(f"run {run_id!r} has no stored config: start it with `mia-dpo run`") from None
+        raise UserError(
+            f"run {run_id!r} has no stored config: start it with `mia-dpo run`"
+        ) from None
     cfg = RunConfig.model_validate(stored)
-    return cfg.model_copy(update={"store": local.store, "queue": local.queue, "launcher": local.launcher})
+    return cfg.model_copy(
+        update={"store": local.store, "queue": local.queue, "launcher": local.launcher}
+    )
 
 
 class Worker:
@@ -98,7 +102,9 @@ class Worker:
     def _context(self) -> StageContext:
         if self._ctx is None:
             run_cfg = load_run_config(self.store, self.run_id, self.cfg)
-            self._ctx = StageContext(store=self.store, blobs=BlobReader(self.cfg.store), config=run_cfg)
+            self._ctx = StageContext(
+                store=self.store, blobs=BlobReader(self.cfg.store), config=run_cfg
+            )
         return self._ctx
 
     def run(self) -> int:
@@ -135,13 +141,17 @@ class Worker:
                     if lease.lost:
                         # Another worker owns it now and writes the same keys; we
                         # must not mark it done under its feet.
-                        log.warning("%s finished after its lease was lost; leaving it", task.task_id)
+                        log.warning(
+                            "%s finished after its lease was lost; leaving it", task.task_id
+                        )
                         return
                     self.store.put_text(marker, stats.model_dump_json())
                     self.processed += 1
             q.ack(run_id, stage, lease)
         except Exception as e:
-            outcome = q.fail(run_id, stage, lease, f"{type(e).__name__}: {e}", traceback.format_exc())
+            outcome = q.fail(
+                run_id, stage, lease, f"{type(e).__name__}: {e}", traceback.format_exc()
+            )
             log.error("%s attempt %d failed (%s): %s", task.task_id, lease.attempt, outcome, e)
         except BaseException:
             # Second SIGTERM or Ctrl-C: hand the task back uncounted, then go.

