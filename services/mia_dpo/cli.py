@@ -42,9 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     run_id = _run_id(args.run_id, cfg)
     store, queue = _connections(cfg)
-    controller = Controller(
-        cfg, run_id, store, queue, config_path=args.config, progress=not args.quiet
-    )
+    controller = Controller(cfg, run_id, store, queue, progress=not args.quiet)
     print(f"run {run_id}: store {store.uri('runs/' + run_id)}", file=sys.stderr)
     try:
         outcomes = controller.run()

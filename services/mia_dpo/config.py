@@ -235,11 +235,19 @@ class RunConfig(Section):
     stages: list[Literal["augment"]] = Field(
         default=list(STAGE_ORDER), description="Stages to run, in pipeline order."
     )
-    input: InputConfig = Field(default_factory=InputConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    queue: QueueConfig = Field(default_factory=QueueConfig)
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    input: InputConfig = Field(default_factory=InputConfig, description="Source data to augment.")
+    store: StoreConfig = Field(
+        default_factory=StoreConfig, description="Where runs keep shards, images and markers."
+    )
+    queue: QueueConfig = Field(
+        default_factory=QueueConfig, description="Task queue of the workers."
+    )
+    launcher: LauncherConfig = Field(
+        default_factory=LauncherConfig, description="How and how many workers are started."
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Multi-image augmentation (method.md 1)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -157,12 +157,11 @@ class Controller:
         run_id: str,
         store: Store,
         queue: Queue,
-        config_path: str | None = None,
         launcher: Launcher | None = None,
         progress: bool = True,
     ) -> None:
         self.cfg, self.run_id, self.store, self.queue = cfg, run_id, store, queue
-        self.launcher = launcher or make_launcher(cfg, store, queue, config_path)
+        self.launcher = launcher or make_launcher(cfg, store, queue)
         self.show_progress = progress
 
     def run(self) -> list[StageOutcome]:

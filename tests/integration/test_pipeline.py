@@ -79,10 +79,16 @@ def cli_env(s3: dict[str, str], redis_url: str) -> dict[str, str]:
 
 def mia(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "mia_dpo", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "mia_dpo", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mia-dpo {' '.join(args)} -> {proc.returncode}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"mia-dpo {' '.join(args)} -> {proc.returncode}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -125,18 +131,24 @@ def test_two_worker_processes_match_the_embedded_default(tmp_path, source, s3_bu
 
     # A second run of the same id does no work: nothing in the store or queue changes.
     client = S3Store(s3_cfg(s3_bucket)).client
-    before = {o.object_name: o.etag for o in client.list_objects(s3_bucket["bucket"], recursive=True)}
+    before = {
+        o.object_name: o.etag for o in client.list_objects(s3_bucket["bucket"], recursive=True)
+    }
     r = redis.Redis.from_url(redis_url)
     stream = "mia-dpo:dist:augment:stream"
     entries_before = r.xinfo_stream(stream)["entries-added"]
     again = mia("run", str(cfg_path), "--run-id", "dist", env=env)
     assert "(already done)" in again.stdout
-    after = {o.object_name: o.etag for o in client.list_objects(s3_bucket["bucket"], recursive=True)}
+    after = {
+        o.object_name: o.etag for o in client.list_objects(s3_bucket["bucket"], recursive=True)
+    }
     assert after == before
     assert r.xinfo_stream(stream)["entries-added"] == entries_before
 
 
-def test_worker_killed_mid_shard_loses_and_duplicates_nothing(tmp_path, source, s3_bucket, redis_url):
+def test_worker_killed_mid_shard_loses_and_duplicates_nothing(
+    tmp_path, source, s3_bucket, redis_url
+):
     # 9-image collages at 448 px tiles make each shard take long enough to be caught mid-way.
     augment = {"formats": {"grid": 1.0}, "grid_counts": {9: 1.0}}
     cfg_path = distributed_config(tmp_path, source, s3_bucket, redis_url, **augment)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import urllib3.exceptions
-from tests.servers import free_port
 
 from mia_dpo.config import StoreConfig
 from mia_dpo.errors import NotFound, TransientStoreError, UserError
 from mia_dpo.runtime.store import BlobReader, LocalStore, S3Store, Store, check_key, retrying
+from tests.servers import free_port
 
 S3_PREFIX = "some/prefix"
 
@@ -163,7 +163,9 @@ def test_local_missing_key_that_is_a_directory(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- S3 failures
 
 
-def flaky(n: int, exc: Callable[[], Exception], value: str = "ok") -> tuple[Callable[[], str], list]:
+def flaky(
+    n: int, exc: Callable[[], Exception], value: str = "ok"
+) -> tuple[Callable[[], str], list]:
     calls: list[int] = []
 
     def fn() -> str:

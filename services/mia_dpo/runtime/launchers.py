@@ -9,11 +9,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+import yaml
 
 from mia_dpo.config import RunConfig
 from mia_dpo.runtime.queue import Queue
@@ -78,31 +82,39 @@ class InlineLauncher(Launcher):
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, cfg: RunConfig, config_path: str | None) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.config_path = config_path
         self.procs: list[subprocess.Popen[bytes]] = []
         self.restarts = 0
         self._argv: list[str] = []
-        self.log_dir: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def _worker_config(self) -> str:
+        """The controller's effective config (file + overrides + env) for the workers:
+        without credentials, which travel in the child's environment instead."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mia-dpo-launcher-")
+            path = Path(self._tmp.name, "worker.yaml")
+            path.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json")), encoding="utf-8")
+            path.chmod(0o600)
+        return str(Path(self._tmp.name, "worker.yaml"))
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        secrets = {
+            "MIA_DPO_REDIS_PASSWORD": self.cfg.queue.password,
+            "MIA_DPO_S3_ACCESS_KEY": self.cfg.store.access_key,
+            "MIA_DPO_S3_SECRET_KEY": self.cfg.store.secret_key,
+        }
+        env.update({k: v.get_secret_value() for k, v in secrets.items() if v is not None})
+        return env
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # Workers inherit our environment: that is how credentials reach them.
-        return subprocess.Popen(self._argv)
+        return subprocess.Popen(self._argv, env=self._env())
 
     def start(self, run_id: str, stage: str, n: int) -> None:
-        self._argv = [
-            sys.executable,
-            "-m",
-            "mia_dpo",
-            "worker",
-            "--stage",
-            stage,
-            "--run-id",
-            run_id,
-        ]
-        if self.config_path:
-            self._argv += ["--config", self.config_path]
+        self._argv = [sys.executable, "-m", "mia_dpo", "worker", "--stage", stage,
+                      "--run-id", run_id, "--config", self._worker_config()]  # fmt: skip
         self.restarts = 0
         self.procs = [self._spawn() for _ in range(n)]
 
@@ -132,6 +144,9 @@ class LocalLauncher(Launcher):
                 p.terminate()
                 p.wait(10)
         self.procs.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def interrupt(self) -> None:
         for p in self.procs:
@@ -147,9 +162,9 @@ class ExternalLauncher(Launcher):
         pass
 
 
-def make_launcher(cfg: RunConfig, store: Store, queue: Queue, config_path: str | None) -> Launcher:
+def make_launcher(cfg: RunConfig, store: Store, queue: Queue) -> Launcher:
     if cfg.launcher.kind == "inline":
         return InlineLauncher(cfg, store, queue)
     if cfg.launcher.kind == "local":
-        return LocalLauncher(cfg, config_path)
+        return LocalLauncher(cfg)
     return ExternalLauncher()

@@ -109,7 +109,7 @@ def draw_distractors(
         try:
             picked.append((rel, loader.load(rel)))
         except SampleError:
-            failures += 1
+            raise
             if failures > max_failures:
                 break
             continue
