@@ -9,7 +9,9 @@ config file or a stored copy of it never holds one.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 from typing import Any, Literal
 
 import yaml
@@ -102,7 +104,7 @@ class QueueConfig(Section):
 
     @model_validator(mode="after")
     def _no_password_in_url(self) -> QueueConfig:
-        if "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
+        if urlsplit(self.url).password:
             raise ValueError(
                 "url must not carry credentials; set MIA_DPO_REDIS_PASSWORD (or MIA_DPO_REDIS_URL)"
             )
@@ -283,15 +285,17 @@ SECRET_FIELDS = {("queue", "password"), ("store", "access_key"), ("store", "secr
 
 
 def _redis_url_from_env(raw: str, section: dict[str, Any]) -> None:
-    """A Redis URL from the environment may carry a password: split it out."""
-    from urllib.parse import urlsplit, urlunsplit
-
+    """A Redis URL from the environment may carry a password: split it out (the
+    user name, an ACL user, stays in the URL)."""
     parts = urlsplit(raw)
     if parts.password:
-        section["password"] = parts.password
-        netloc = parts.hostname or ""
+        section["password"] = unquote(parts.password)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
         if parts.port:
             netloc += f":{parts.port}"
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
         raw = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     section["url"] = raw
 
@@ -304,6 +308,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        # A section-level check names its field first ("grid_counts: ..."): fold it
+        # into the dotted path so every message reads `section.field: problem`.
+        m = re.match(r"^([a-z_]+): (.*)$", msg, flags=re.S)
+        if m and e["loc"]:
+            loc, msg = f"{loc}.{m.group(1)}", m.group(2)
         problems.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(problems)
 

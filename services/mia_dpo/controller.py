@@ -165,8 +165,10 @@ class Controller:
         self.show_progress = progress
 
     def run(self) -> list[StageOutcome]:
-        store_run_config(self.store, self.cfg, self.run_id)
+        # Plan first: a typo in input.path must not leave a config behind that
+        # would then refuse the corrected rerun of the same run id.
         plan = plan_run(self.store, BlobReader(self.cfg.store), self.cfg, self.run_id)
+        store_run_config(self.store, self.cfg, self.run_id)
         log.info("run %s: %d samples in %d shards", self.run_id, plan.n_records, plan.n_shards)
         return [self.run_stage(stage, plan.n_shards) for stage in self.cfg.stages]
 
