@@ -109,7 +109,7 @@ def draw_distractors(
         try:
             picked.append((rel, loader.load(rel)))
         except SampleError:
-            raise
+            failures += 1
             if failures > max_failures:
                 break
             continue
