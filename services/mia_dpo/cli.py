@@ -205,13 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from mia_dpo.controller import RunFailed
+    from mia_dpo.runtime.launchers import LaunchError
 
     try:
         return int(args.fn(args))
     except UserError as e:
         print(f"mia-dpo: error: {e}", file=sys.stderr)
         return 2
-    except RunFailed as e:
+    except (RunFailed, LaunchError) as e:
         print(f"mia-dpo: run failed: {e}", file=sys.stderr)
         return 1
     except TransientStoreError as e:

@@ -54,7 +54,8 @@ class StageOutcome:
 def done_shards(store: Store, run_id: str, stage: str) -> dict[int, str]:
     """shard -> marker key, from one listing of the stage's prefix."""
     found = {}
-    for key in store.list(layout.stage_prefix(run_id, stage)):
+    # Only the shard files: a stage folder can also hold thousands of images.
+    for key in store.list(layout.stage_prefix(run_id, stage) + "shard-"):
         shard = layout.shard_of_marker(key)
         if shard is not None:
             found[shard] = key
@@ -190,6 +191,7 @@ class Controller:
         if todo:
             self.launcher.start(run_id, stage, n_workers)
         merged = {i: ShardStats.model_validate_json(store.get_text(k)) for i, k in done.items()}
+        poll, last = 0.2, (len(merged), 0)
         try:
             while True:
                 for i, key in done_shards(store, run_id, stage).items():
@@ -201,7 +203,11 @@ class Controller:
                 if len(merged) + len(dead) >= n_shards:
                     break
                 self.launcher.check()
-                time.sleep(0.2)
+                # Each poll lists the store: back off while nothing changes.
+                state = (len(merged), len(dead))
+                poll = 0.2 if state != last else min(poll * 1.5, 2.0)
+                last = state
+                time.sleep(poll)
         finally:
             queue.close_stage(run_id, stage)
             self.launcher.stop()

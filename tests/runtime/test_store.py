@@ -89,6 +89,19 @@ def test_list_sorted_recursive_and_scoped(store: Store) -> None:
         assert store.get_text(k) == k
 
 
+def test_list_prefix_may_end_mid_name(store: Store) -> None:
+    # The controller polls "runs/r/augment/shard-" so a stage's images are never listed.
+    keys = ["runs/r/augment/shard-00000.done", "runs/r/augment/shard-00001.jsonl",
+            "runs/r/augment/images/shard-00000/a.jpg", "runs/r/augment/stats.json",
+            "runs/r/augmentx/shard-00000.done"]  # fmt: skip
+    for k in keys:
+        store.put_bytes(k, b"x")
+    assert list(store.list("runs/r/augment/shard-")) == keys[:2]
+    assert list(store.list("runs/r/aug")) == sorted(keys)
+    assert list(store.list("runs/r/augment/images/")) == [keys[2]]
+    assert list(store.list("runs/none/")) == []
+
+
 def test_uri_points_at_the_bytes(store: Store) -> None:
     store.put_bytes("img/p.png", b"png-bytes")
     uri = store.uri("img/p.png")

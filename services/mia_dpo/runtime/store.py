@@ -114,16 +114,27 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> Iterator[str]:
-        base = self.root / prefix.rstrip("/") if prefix else self.root
+        # Like S3, a prefix may end mid-name ("runs/r/augment/shard-"): walk from its
+        # folder and prune sub-folders that cannot hold a match (e.g. images/).
+        base = self.root / prefix.rpartition("/")[0]
         if not base.is_dir():
             return iter(())
         keys = []
-        for dirpath, _dirs, files in os.walk(base):
+        for dirpath, dirs, files in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
+            )
             for name in files:
                 if name.startswith(".") and name.endswith(".tmp"):
                     continue  # an interrupted write, not a key
-                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
-        return iter(sorted(k for k in keys if k.startswith(prefix)))
+                key = rel_dir + name
+                if key.startswith(prefix):
+                    keys.append(key)
+        return iter(sorted(keys))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
