@@ -56,6 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         note = " (already done)" if o.skipped else ""
         dropped = ", ".join(f"{r} {n}" for r, n in sorted(o.stats.dropped.items())) or "none"
         print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}{note}; dropped: {dropped}")
+        if o.stats.notes:
+            print("  " + ", ".join(f"{k} {n}" for k, n in sorted(o.stats.notes.items())))
     return 0
 
 

@@ -98,6 +98,8 @@ def format_status(st: RunStatus) -> str:
             f"{s.leased:>8}{len(s.dead):>6}{s.stats.kept:>8}{dropped:>9}"
         )
     for s in st.stages:
+        if s.stats.notes:
+            lines.append(f"{s.stage}: {_reasons(s.stats.notes)}")
         if s.stats.dropped:
             lines.append(f"{s.stage} dropped by reason: {_reasons(s.stats.dropped)}")
         for d in s.dead:

@@ -260,6 +260,8 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
             drops.drop(label, e.reason, e.detail)
             continue
         fallbacks += fell_back
+        key = f"format_{record.format}"
+        stats.notes[key] = stats.notes.get(key, 0) + 1
         out.append(record.model_dump_json())
         stats.kept += 1
     ctx.store.put_jsonl(layout.shard_key(task.run_id, "augment", task.shard), out)
