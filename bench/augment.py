@@ -25,8 +25,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers
 
-from tests.servers import RedisServer
-
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller, plan_run, store_run_config
 from mia_dpo.data.source import decode_image
@@ -34,6 +32,7 @@ from mia_dpo.data.synthetic import write_synthetic
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import open_queue
 from mia_dpo.runtime.store import BlobReader, LocalStore
+from tests.servers import RedisServer
 
 
 def run_variant(tmp: Path, src: Path, name: str, overrides: dict) -> tuple[float, list[str]]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+
 from tests.servers import RedisServer, SeaweedS3
 
 

@@ -11,6 +11,7 @@ from minio import Minio
 from minio.error import S3Error
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
 from tests.servers import RedisServer, SeaweedS3, pid_alive
 
 pytestmark = pytest.mark.integration
