@@ -173,6 +173,15 @@ def retrying(fn: Callable[[], T], what: str, budget_seconds: float) -> T:
             delay = min(delay * 2, 5.0)
 
 
+def _s3_get(client: Any, bucket: str, name: str) -> bytes:
+    resp = client.get_object(bucket, name)
+    try:
+        return resp.read()
+    finally:  # hand the connection back to the pool even on a short read
+        resp.close()
+        resp.release_conn()
+
+
 def minio_client(cfg: StoreConfig) -> Any:
     try:
         import urllib3
@@ -240,17 +249,8 @@ class S3Store(Store):
         from minio.error import S3Error
 
         name = self._obj(key)
-
-        def get() -> bytes:
-            resp = self.client.get_object(self.bucket, name)
-            try:
-                return resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
-
         try:
-            return self._call(get, f"get {name}")
+            return self._call(lambda: _s3_get(self.client, self.bucket, name), f"get {name}")
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(key) from None
@@ -312,17 +312,10 @@ class BlobReader:
             if not bucket or not name:
                 raise NotFound(f"{uri}: not an s3://bucket/key URI")
             client = self._s3()
-
-            def get() -> bytes:
-                resp = client.get_object(bucket, name)
-                try:
-                    return resp.read()
-                finally:
-                    resp.close()
-                    resp.release_conn()
-
             try:
-                return retrying(get, f"get {uri}", self.cfg.retry_seconds)
+                return retrying(
+                    lambda: _s3_get(client, bucket, name), f"get {uri}", self.cfg.retry_seconds
+                )
             except S3Error as e:
                 if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
                     raise NotFound(uri) from None

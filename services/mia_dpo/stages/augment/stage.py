@@ -181,47 +181,40 @@ def augment_sample(
         "target_image": sample.image,
         "distractor_images": [rel for rel, _ in distractors],
     }
+
+    def save(img: Image.Image) -> list[str]:
+        """Composed images go to the store; records point at them."""
+        key = _image_key(run_id, shard, sample_id, ext)
+        loader.ctx.store.put_bytes(key, encode_image(img, acfg.image_format, acfg.jpeg_quality))
+        return [loader.ctx.store.uri(key)]
+
     if fmt == "pic_in_pic":
         ((_, background),) = distractors
         composite, box = compose_pic_in_pic(background, target, acfg.pip_scale)
         k = 2  # the inset; picture 1 is the background
-        key = _image_key(run_id, shard, sample_id, ext)
-        loader.ctx.store.put_bytes(
-            key, encode_image(composite, acfg.image_format, acfg.jpeg_quality)
-        )
         record = dict(
-            images=[loader.ctx.store.uri(key)],
-            target_index=k,
-            target_box=box,
+            images=save(composite), target_index=k, target_box=box,
             prompt=pip_prompt(phrasing, question),
-        )
-    else:
+        )  # fmt: skip
+    elif fmt == "sequence":
         ordered = [rel for rel, _ in distractors]
         ordered.insert(position, sample.image)
         k = position + 1
-        if fmt == "sequence":
-            record = dict(
-                images=[loader.uri(rel) for rel in ordered],
-                target_index=k,
-                prompt=sequence_prompt(n, k, question),
-            )
-        else:
-            imgs = [img for _, img in distractors]
-            imgs.insert(position, target)
-            canvas, boxes = compose_grid(
-                imgs, acfg.grid_tile_px, acfg.grid_margin_px, acfg.grid_label_font_px
-            )
-            key = _image_key(run_id, shard, sample_id, ext)
-            loader.ctx.store.put_bytes(
-                key, encode_image(canvas, acfg.image_format, acfg.jpeg_quality)
-            )
-            record = dict(
-                images=[loader.ctx.store.uri(key)],
-                target_index=k,
-                layout=grid_layout(n),
-                target_box=boxes[position],
-                prompt=grid_prompt(k, question),
-            )
+        record = dict(
+            images=[loader.uri(rel) for rel in ordered], target_index=k,
+            prompt=sequence_prompt(n, k, question),
+        )  # fmt: skip
+    else:
+        imgs = [img for _, img in distractors]
+        imgs.insert(position, target)
+        k = position + 1
+        canvas, boxes = compose_grid(
+            imgs, acfg.grid_tile_px, acfg.grid_margin_px, acfg.grid_label_font_px
+        )
+        record = dict(
+            images=save(canvas), target_index=k, layout=grid_layout(n),
+            target_box=boxes[position], prompt=grid_prompt(k, question),
+        )  # fmt: skip
     turns = [
         Turn(question=later_turn(fmt, k, phrasing, strip_image_tag(t.question)), answer=t.answer)
         for t in sample.turns[1:]
