@@ -40,6 +40,7 @@ def run_variant(tmp: Path, src: Path, name: str, overrides: dict) -> tuple[float
         "input.path": str(src / "data.json"),
         "input.image_root": str(src / "images"),
         "input.shard_size": 20,
+        "stages": ["augment"],
         "store.root": str(tmp / name),
     }
     cfg = load_config(None, overrides={**base, **overrides}, environ={})
@@ -48,7 +49,7 @@ def run_variant(tmp: Path, src: Path, name: str, overrides: dict) -> tuple[float
     store_run_config(store, cfg, "bench")
     plan = plan_run(store, BlobReader(cfg.store), cfg, "bench")
     t0 = time.perf_counter()
-    ctl.run_stage("augment", plan.n_shards)
+    ctl.run_stage("augment", list(range(plan.n_shards)))
     seconds = time.perf_counter() - t0
     rows = []
     for i in range(plan.n_shards):

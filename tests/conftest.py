@@ -10,6 +10,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -70,3 +71,12 @@ def s3_bucket(s3_server: SeaweedS3) -> Iterator[dict[str, str]]:
         for obj in client.list_objects(bucket, recursive=True):
             client.remove_object(bucket, obj.object_name)
         client.remove_bucket(bucket)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A save_pretrained directory of the tiny LLaVA (seed 0, default sizes), built
+    once per session. Read-only: tests that alter a model directory copy it first."""
+    from mia_dpo.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llava") / "model", seed=0)

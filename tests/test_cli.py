@@ -54,6 +54,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_config(synth: Path, root: Path, **augment: object) -> dict:
     return {
         "seed": 1,
+        "stages": ["augment"],
         "input": {"path": str(synth / "data.json"), "image_root": str(synth / "images"),
                   "shard_size": 5},
         "store": {"backend": "local", "root": str(root)},

@@ -138,6 +138,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from mia_dpo.models.tiny import build_tiny_model
+
+    path = build_tiny_model(Path(args.out), seed=args.seed)
+    print(f"tiny LLaVA -> {path}")
+    return 0
+
+
 def cmd_contact_sheet(args: argparse.Namespace) -> int:
     from mia_dpo.report import contact_sheet
 
@@ -189,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--n", type=int, default=240)
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(fn=cmd_synth)
+
+    t = sub.add_parser(
+        "tiny-model", help="build a tiny LLaVA (random weights) for tests and the demo"
+    )
+    t.add_argument("--out", required=True, help="folder to save_pretrained into")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_tiny_model)
 
     c = sub.add_parser("contact-sheet", help="a PNG showing augmented samples of each format")
     c.add_argument("--run-id", required=True)

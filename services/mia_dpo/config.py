@@ -227,6 +227,120 @@ class AugmentConfig(Section):
         return self
 
 
+class ModelConfig(Section):
+    path: str = Field(
+        default="",
+        description=(
+            "Hugging Face image-text-to-text model: a local directory (save_pretrained layout) "
+            "or a hub id such as llava-hf/llava-1.5-7b-hf (needs network unless cached)."
+        ),
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Weights dtype; auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="Attention kernel; scoring captures its one layer with any of them.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow .bin/.pt (pickle) weights; off: safetensors only, pickle can run code.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped with the checkpoint (off: refuse)."
+    )
+
+
+class GenerateConfig(Section):
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate() call.")
+    max_new_tokens: int = Field(
+        default=512, ge=1, description="Longest response, in tokens (reference: 512)."
+    )
+    num_samples: int = Field(
+        default=1, ge=1, description="Responses per prompt (reference: 1, greedy)."
+    )
+    temperature: float = Field(
+        default=0.0, ge=0.0, description="0: greedy decoding (reference); > 0: sampling."
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling when sampling.")
+    max_chosen_chars: int = Field(
+        default=512,
+        ge=1,
+        description="Samples whose ground truth is this long or longer are skipped.",
+    )
+    noise: bool = Field(
+        default=False,
+        description=(
+            "Add Gaussian noise to the generation input (reference code, not the paper): "
+            "grid: target tile only; pic-in-pic: whole image; sequence: none."
+        ),
+    )
+    noise_sigma_grid: float = Field(
+        default=225.0, ge=0, description="Noise std for grids (0-255 scale)."
+    )
+    noise_sigma_pip: float = Field(
+        default=49.0, ge=0, description="Noise std for pic-in-pic (0-255)."
+    )
+
+
+class ScoreConfig(Section):
+    batch_size: int = Field(default=4, ge=1, description="Samples per teacher-forced forward pass.")
+    layer: int | None = Field(
+        default=None,
+        ge=0,
+        description="Decoder layer whose attention is read (0-based; null: num_layers // 2).",
+    )
+    sequence_thresholds: dict[int, float] = Field(
+        default={2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
+        description="Sequence: reject when ratio <= threshold, per image count.",
+    )
+    grid_thresholds: dict[int, float] = Field(
+        default={2: 0.7, 3: 0.6, 4: 0.5, 6: 0.4, 9: 0.3},
+        description="Grid: reject when ratio < threshold, per image count.",
+    )
+    pic_in_pic_threshold: float = Field(
+        default=0.8, description="Pic-in-pic: reject when the centre region's share < this."
+    )
+    pip_border_fraction: float = Field(
+        default=1 / 6,
+        ge=0.0,
+        lt=0.5,
+        description="Pic-in-pic: border of the patch grid outside the centre region (24 -> 16x16).",
+    )
+    min_ppl: float = Field(
+        default=1.1, ge=1.0, description="Only responses with perplexity above this are rejected."
+    )
+    keep_token_attention: bool = Field(
+        default=True, description="Store the per-image-token attention values for reports."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoreConfig:
+        for name, table, allowed in (
+            ("sequence_thresholds", self.sequence_thresholds, SEQUENCE_COUNTS),
+            ("grid_thresholds", self.grid_thresholds, GRID_COUNTS),
+        ):
+            missing = [n for n in allowed if n not in table]
+            if missing:
+                raise ValueError(f"{name}: no threshold for {missing[0]} images")
+        return self
+
+
+class SelectConfig(Section):
+    iqr_multiplier: float = Field(
+        default=1.5, gt=0.0, description="Tukey fences: drop outside [Q1 - k*IQR, Q3 + k*IQR]."
+    )
+    metrics: list[Literal["ppl", "length_ratio", "edit_distance"]] = Field(
+        default=["ppl", "length_ratio", "edit_distance"],
+        description="Metrics whose outliers are dropped (empty: no post-selection).",
+    )
+    min_pairs_for_fences: int = Field(
+        default=8, ge=1, description="Below this many pairs quartiles mean little: keep them all."
+    )
+
+
 class RunConfig(Section):
     """Everything one run needs. Stored (without credentials) under runs/{run_id}/."""
 
@@ -234,7 +348,7 @@ class RunConfig(Section):
     seed: int = Field(
         default=0, ge=0, description="Run seed; each sample is seeded from (seed, id)."
     )
-    stages: list[Literal["augment"]] = Field(
+    stages: list[Literal["augment", "generate", "score", "select"]] = Field(
         default=list(STAGE_ORDER), description="Stages to run, in pipeline order."
     )
     input: InputConfig = Field(default_factory=InputConfig, description="Source data to augment.")
@@ -249,6 +363,18 @@ class RunConfig(Section):
     )
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, description="Multi-image augmentation (method.md 1)."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The policy model that answers and is scored."
+    )
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Generation (method.md 2)."
+    )
+    score: ScoreConfig = Field(
+        default_factory=ScoreConfig, description="Attention-aware selection (method.md 3)."
+    )
+    select: SelectConfig = Field(
+        default_factory=SelectConfig, description="Post-selection over all pairs (method.md 4)."
     )
 
     @model_validator(mode="after")
@@ -265,7 +391,10 @@ class RunConfig(Section):
 
     def stage_params(self) -> dict[str, Any]:
         """The part of the config that decides outputs: a resumed run must not change it."""
-        return self.model_dump(mode="json", include={"seed", "input", "augment"})
+        return self.model_dump(
+            mode="json",
+            include={"seed", "input", "augment", "model", "generate", "score", "select"},
+        )
 
 
 # Environment variable -> (section, field). Applied after the file, so the

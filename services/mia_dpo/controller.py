@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from mia_dpo.config import RunConfig
 from mia_dpo.data.source import parse_sample, read_index
 from mia_dpo.errors import NotFound, SampleError, UserError
-from mia_dpo.records import ShardStats, Task
+from mia_dpo.records import MODEL_STAGES, SINGLE_TASK_STAGES, STAGE_ORDER, ShardStats, Task
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.launchers import Launcher, make_launcher
 from mia_dpo.runtime.progress import Progress
@@ -168,18 +168,41 @@ class Controller:
     def run(self) -> list[StageOutcome]:
         # Plan first: a typo in input.path must not leave a config behind that
         # would then refuse the corrected rerun of the same run id.
+        model_stages = [s for s in self.cfg.stages if s in MODEL_STAGES]
+        if model_stages and not self.cfg.model.path:
+            raise UserError(
+                f"model.path: the {model_stages[0]} stage needs a model "
+                "(a local directory, e.g. from `mia-dpo tiny-model`, or a hub id)"
+            )
         plan = plan_run(self.store, BlobReader(self.cfg.store), self.cfg, self.run_id)
         store_run_config(self.store, self.cfg, self.run_id)
         log.info("run %s: %d samples in %d shards", self.run_id, plan.n_records, plan.n_shards)
-        return [self.run_stage(stage, plan.n_shards) for stage in self.cfg.stages]
+        return [self.run_stage(stage, self.stage_shards(stage, plan)) for stage in self.cfg.stages]
 
-    def run_stage(self, stage: str, n_shards: int) -> StageOutcome:
+    def stage_shards(self, stage: str, plan: Plan) -> list[int]:
+        """The shards a stage works on: all of them for the first stage, then the
+        ones its upstream stage finished (a dead-lettered shard stops there)."""
+        if stage in SINGLE_TASK_STAGES:
+            return [0]
+        position = STAGE_ORDER.index(stage)
+        if position == 0:
+            return list(range(plan.n_shards))
+        upstream = STAGE_ORDER[position - 1]
+        if not self.store.exists(layout.stage_done_key(self.run_id, upstream)):
+            raise UserError(
+                f"stages: {stage} needs the output of {upstream}, which run {self.run_id!r} "
+                f"has not finished; add {upstream} to stages"
+            )
+        return sorted(done_shards(self.store, self.run_id, upstream))
+
+    def run_stage(self, stage: str, shards: list[int]) -> StageOutcome:
         run_id, store, queue = self.run_id, self.store, self.queue
         if store.exists(layout.stage_done_key(run_id, stage)):
             stats = ShardStats.model_validate(store.get_json(layout.stage_stats_key(run_id, stage)))
             return StageOutcome(stage, True, stats, [])
-        done = done_shards(store, run_id, stage)
-        todo = [i for i in range(n_shards) if i not in done]
+        n_shards = len(shards)
+        done = {i: k for i, k in done_shards(store, run_id, stage).items() if i in shards}
+        todo = [i for i in shards if i not in done]
         queue.open_stage(run_id, stage)
         # A rerun is the user saying "try again": shards that died last time get
         # a fresh set of attempts.
@@ -192,10 +215,11 @@ class Controller:
             self.launcher.start(run_id, stage, n_workers)
         merged = {i: ShardStats.model_validate_json(store.get_text(k)) for i, k in done.items()}
         poll, last = 0.2, (len(merged), 0)
+        wanted = set(shards)
         try:
             while True:
                 for i, key in done_shards(store, run_id, stage).items():
-                    if i not in merged:
+                    if i not in merged and i in wanted:
                         merged[i] = ShardStats.model_validate_json(store.get_text(key))
                 dead = {int(d.task_id.rsplit("/", 1)[1]) for d in queue.dead_letters(run_id, stage)}
                 dead -= merged.keys()

@@ -18,8 +18,11 @@ FORMATS: tuple[Format, ...] = ("sequence", "grid", "pic_in_pic")
 
 # Stages a queue message may name. Later stages (generate, score, ...) add
 # themselves here as they are implemented.
-StageName = Literal["augment"]
-STAGE_ORDER: tuple[str, ...] = ("augment",)
+StageName = Literal["augment", "generate", "score", "select"]
+STAGE_ORDER: tuple[str, ...] = ("augment", "generate", "score", "select")
+# Stages that run one task over the whole run instead of one per shard.
+SINGLE_TASK_STAGES: frozenset[str] = frozenset({"select"})
+MODEL_STAGES: frozenset[str] = frozenset({"generate", "score"})
 
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -105,6 +108,60 @@ class AugmentedSample(Record):
         default_factory=list, description="Source-relative paths of the distractors used."
     )
     target_image: str = Field(description="Source-relative path of the target image.")
+
+
+class Response(Record):
+    """One answer of the policy model to an augmented prompt."""
+
+    text: str = Field(description="Decoded response, special tokens removed.")
+    token_ids: list[int] = Field(description="Generated token ids, up to and including EOS.")
+    logprobs: list[float] = Field(description="log p of each generated token, as sampled.")
+    ppl: float = Field(description="exp(-mean(logprobs)).")
+
+
+class GeneratedSample(Record):
+    """Output of the generate stage: the sample and the model's responses to it."""
+
+    sample: AugmentedSample
+    responses: list[Response] = Field(description="num_samples responses, in sampling order.")
+    noise: bool = Field(default=False, description="Whether the input images were noised.")
+
+
+class ScoredResponse(Record):
+    """Output of the score stage: one response judged by where its attention went."""
+
+    sample: AugmentedSample
+    response_index: int = Field(ge=0, description="Index in GeneratedSample.responses.")
+    response: Response
+    layer: int = Field(description="Decoder layer read (0-based).")
+    ratio: float | None = Field(description="Attention ratio on the target (method.md 3).")
+    image_shares: list[float] = Field(
+        default_factory=list,
+        description="Share of attention per picture (sequence: per image; grid: per tile).",
+    )
+    token_attention: list[float] = Field(
+        default_factory=list, description="Mean attention per image token (for reports)."
+    )
+    threshold: float | None = Field(default=None, description="Reject threshold applied.")
+    decision: Literal["rejected", "dropped"]
+    reason: str = Field(description="Why: 'attention' for rejected, else the drop reason.")
+
+
+class Pair(Record):
+    """A DPO preference pair, with the metrics that selected it."""
+
+    id: str = Field(description="'{sample_id}-r{response_index}'.")
+    images: list[str] = Field(description="Local paths or s3:// URIs, in prompt order.")
+    prompt: str = Field(description="Question with one <image> tag per image.")
+    chosen: str = Field(description="Ground truth.")
+    rejected: str = Field(description="The model's confused response.")
+    format: Format
+    n_images: int
+    target_index: int
+    ratio: float
+    ppl: float
+    length_ratio: float = Field(description="len(rejected) / len(chosen), in tokens.")
+    edit_distance: float = Field(description="Normalised edit distance chosen vs rejected.")
 
 
 class ShardStats(BaseModel):

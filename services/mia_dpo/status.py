@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from mia_dpo.controller import Plan, done_shards
 from mia_dpo.errors import NotFound, UserError
-from mia_dpo.records import STAGE_ORDER, ShardStats
+from mia_dpo.records import SINGLE_TASK_STAGES, STAGE_ORDER, ShardStats
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import DeadLetter, Queue
 from mia_dpo.runtime.store import Store
@@ -70,7 +70,7 @@ def run_status(store: Store, queue: Queue | None, run_id: str) -> RunStatus:
             StageStatus(
                 stage=stage,
                 state=state,
-                shards_total=plan.n_shards,
+                shards_total=1 if stage in SINGLE_TASK_STAGES else plan.n_shards,
                 shards_done=len(markers),
                 queued=queued,
                 leased=leased,

@@ -54,6 +54,7 @@ def s3_cfg(s3: dict[str, str], prefix: str = "") -> StoreConfig:
 def distributed_config(tmp: Path, src: Path, s3: dict[str, str], redis_url: str, **augment) -> Path:
     cfg = {
         "seed": 7,
+        "stages": ["augment"],
         "input": {"path": str(src / "data.json"), "image_root": upload_images(src, s3),
                   "shard_size": SHARD},
         "store": {"backend": "s3", "bucket": s3["bucket"], "prefix": "mia"},
@@ -106,7 +107,7 @@ def records(store, blobs: BlobReader, run_id: str, n_shards: int) -> list[dict]:
 
 def embedded_records(tmp: Path, src: Path, **augment) -> list[dict]:
     overrides = {
-        "seed": 7, "input.path": str(src / "data.json"), "input.image_root": str(src / "images"),
+        "seed": 7, "stages": ["augment"], "input.path": str(src / "data.json"), "input.image_root": str(src / "images"),
         "input.shard_size": SHARD, "store.root": str(tmp / "embedded"),
         "augment.grid_tile_px": 448, **{f"augment.{k}": v for k, v in augment.items()},
     }  # fmt: skip

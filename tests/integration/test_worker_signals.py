@@ -30,6 +30,7 @@ def setup_run(tmp: Path, redis_url: str, run_id: str) -> tuple[Path, Controller,
     src = tmp / "src"
     write_synthetic(src, 30, seed=1)
     cfg = {
+        "stages": ["augment"],
         "input": {
             "path": str(src / "data.json"),
             "image_root": str(src / "images"),

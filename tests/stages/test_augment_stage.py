@@ -107,6 +107,7 @@ def run(d: Data, store_dir: Path, overrides: dict, run_id: str = "t1", **kw) -> 
             "input.image_root": str(d.root),
             "store.root": str(store_dir),
             "input.shard_size": 8,
+            "stages": ["augment"],
             **SMALL,
             **overrides,
         },

@@ -36,6 +36,9 @@ StageFn = Callable[[Task, StageContext], ShardStats]
 # Import paths, so a worker imports only its own stage (the augment worker has no torch).
 _STAGES: dict[str, str] = {
     "augment": "mia_dpo.stages.augment:run_shard",
+    "generate": "mia_dpo.stages.generate:run_shard",
+    "score": "mia_dpo.stages.score:run_shard",
+    "select": "mia_dpo.stages.select:run_shard",
 }
 
 

@@ -1,0 +1,241 @@
+"""Load an image-text-to-text model and learn where its image tokens are.
+
+The score stage (method.md section 3) needs, for each image, the token columns
+that hold it, and for grid and pic-in-pic the patch grid those tokens form. That
+is only well defined for fixed-resolution LLaVA-style models, where every image
+becomes the same square grid of tokens; dynamic-resolution models are refused
+at load time, before their weights are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from mia_dpo.config import ModelConfig
+from mia_dpo.errors import UserError
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Config attributes of models whose image token count depends on the image (tiling,
+# merging of neighbouring patches, pooling): no fixed grid maps onto their tokens.
+_DYNAMIC_MARKERS = (
+    "image_grid_pinpoints",
+    "spatial_merge_size",
+    "temporal_patch_size",
+    "downsample_factor",
+    "downsample_ratio",
+    "mm_tokens_per_image",
+)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers image-text-to-text model, in eval mode
+    processor: Any
+    tokenizer: Any  # processor.tokenizer, left-padded for batched generation
+    image_token_id: int
+    tokens_per_image: int
+    # (rows, cols) of each image's patch tokens; with the "full" feature strategy the
+    # first of an image's tokens_per_image tokens is CLS and the grid is the rest.
+    patch_grid: tuple[int, int]
+    num_layers: int  # decoder layers of the language model
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+    def language_layers(self) -> nn.ModuleList:
+        return _decoder_layers(self.model)
+
+
+def _decoder_layers(model: Any) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:  # fall back to the LLaVA layout
+        inner = getattr(getattr(model, "model", None), "language_model", None)
+        layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: cannot find the language model's decoder layers")
+    return layers
+
+
+def _get(config: Any, name: str) -> Any:
+    # Configs may be objects or (for sub-configs of older checkpoints) plain dicts.
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def image_token_layout(model_config: Any, processor: Any) -> tuple[int, int, tuple[int, int]]:
+    """(image_token_id, tokens_per_image, (rows, cols)) of a fixed-resolution LLaVA-style model.
+
+    UserError when the model's image tokens cannot be mapped to one fixed patch grid,
+    or when the processor would insert a different number of tokens than the model
+    expects (the forward pass would fail with "Image features and image tokens do
+    not match").
+    """
+    model_type = _get(model_config, "model_type") or type(model_config).__name__
+    name = _get(model_config, "_name_or_path") or model_type
+    vision = _get(model_config, "vision_config")
+    unsupported = UserError(
+        f"model.path: {name}: cannot map image tokens to a patch grid for model type "
+        f"{model_type!r}; supported: llava (fixed-resolution)"
+    )
+    if vision is None or any(
+        _get(c, m) is not None for c in (model_config, vision) for m in _DYNAMIC_MARKERS
+    ):
+        raise unsupported
+    image_size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
+    token_id = _get(model_config, "image_token_id")
+    if token_id is None:
+        token_id = _get(model_config, "image_token_index")
+    strategy = _get(model_config, "vision_feature_select_strategy") or "default"
+    if not isinstance(patch, int) or patch <= 0 or token_id is None:
+        raise unsupported
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if strategy not in ("default", "full") or height % patch or width % patch:
+        raise unsupported
+    grid = (height // patch, width // patch)
+    tokens = grid[0] * grid[1] + (1 if strategy == "full" else 0)
+
+    expected = _processor_tokens_per_image(processor)
+    if expected is not None and expected != tokens:
+        raise UserError(
+            f"model.path: {name}: the processor inserts {expected} image tokens per image "
+            f"but the model produces {tokens} ({grid[0]}x{grid[1]} patches, strategy {strategy!r})"
+        )
+    proc_id = getattr(processor, "image_token_id", None)
+    if proc_id is not None and proc_id != token_id:
+        raise UserError(
+            f"model.path: {name}: processor image token id {proc_id} != model's {token_id}"
+        )
+    return int(token_id), tokens, grid
+
+
+def _processor_tokens_per_image(processor: Any) -> int | None:
+    for attr in ("image_seq_length", "num_image_tokens"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, int):
+            return value
+    # LlavaProcessor: what its replace_image_token computes for a crop-sized image.
+    patch = getattr(processor, "patch_size", None)
+    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
+    if not isinstance(patch, int) or not crop:
+        return None
+    crop = dict(crop)
+    if "height" not in crop or "width" not in crop:
+        return None
+    count = (crop["height"] // patch) * (crop["width"] // patch)
+    count += getattr(processor, "num_additional_image_tokens", 0) or 0
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        count -= 1
+    return count
+
+
+def image_spans(
+    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int
+) -> list[tuple[int, int]]:
+    """(start, end) of each image's tokens in a 1-D id sequence, in order; end exclusive.
+
+    A run of k * tokens_per_image tokens is k adjacent images (`<image><image>` with no
+    text between them); any other run length is a ValueError, e.g. truncation that cut
+    into an image.
+    """
+    if input_ids.dim() != 1:
+        raise ValueError(f"image_spans expects 1-D ids, got shape {tuple(input_ids.shape)}")
+    is_image = (input_ids == image_token_id).to(torch.int8)
+    # Run boundaries: +1 where a run starts, -1 one past where it ends.
+    edges = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    spans: list[tuple[int, int]] = []
+    for start, end in zip(starts, ends, strict=True):
+        if (end - start) % tokens_per_image:
+            raise ValueError(
+                f"image token run at {start}:{end} has {end - start} tokens, "
+                f"not a multiple of {tokens_per_image} per image"
+            )
+        spans += [(s, s + tokens_per_image) for s in range(start, end, tokens_per_image)]
+    return spans
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # bf16 halves memory on GPUs; CPUs are slow and inexact in it
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def _check_local_dir(path: str, allow_pickle: bool) -> None:
+    local = Path(path).expanduser()
+    if not local.exists():
+        if path.startswith(("/", "./", "../", "~")) or "\\" in path or path.count("/") > 1:
+            raise UserError(f"model.path: directory {path} does not exist")
+        return  # may be a hub id
+    if not local.is_dir():
+        raise UserError(f"model.path: {path} is not a directory (save_pretrained layout)")
+    files = [p.name for p in local.iterdir() if p.is_file()]
+    has_safe = any(f.endswith(".safetensors") for f in files)
+    if not has_safe and not allow_pickle and any(f.endswith(_PICKLE_SUFFIXES) for f in files):
+        raise UserError(
+            f"model.path: {path} holds only pickle weights (*.bin/*.pt), which can run code "
+            "when loaded; convert them to safetensors or set model.allow_pickle: true"
+        )
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Processor and model from a local save_pretrained directory or a hub id."""
+    if not cfg.path:
+        raise UserError("model.path is empty: set a local model directory or a hub id")
+    _check_local_dir(cfg.path, cfg.allow_pickle)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.path, **common)
+        config = AutoConfig.from_pretrained(cfg.path, **common)
+        # Before the weights: refusing a 7B model should not take minutes.
+        token_id, tokens, grid = image_token_layout(config, processor)
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.path,
+            config=config,
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation=cfg.attn_implementation,
+            # None: prefer safetensors, fall back to .bin; True: safetensors or fail.
+            use_safetensors=None if cfg.allow_pickle else True,
+            **common,
+        )
+    except (OSError, ValueError) as e:
+        hint = ""
+        if "safetensors" in str(e) and not cfg.allow_pickle:
+            hint = " (only pickle weights? convert to safetensors or set model.allow_pickle)"
+        elif "trust_remote_code" in str(e):
+            hint = " (the checkpoint ships code: review it, then set model.trust_remote_code)"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: cannot load {cfg.path!r}: {first_line}{hint}") from e
+    model.eval()
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"  # batched generation appends on the right
+    if tokenizer.pad_token is None:  # e.g. Llama tokenizers; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        tokenizer=tokenizer,
+        image_token_id=token_id,
+        tokens_per_image=tokens,
+        patch_grid=grid,
+        num_layers=len(_decoder_layers(model)),
+        device=device,
+        dtype=dtype,
+        name=cfg.path,
+    )

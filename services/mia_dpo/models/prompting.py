@@ -1,0 +1,75 @@
+"""The one way our prompts become model text (method.md section 5: the template at
+generation must equal the one at training; the reference code mixes two).
+
+Our prompts are plain text with `<image>` tags where the pictures go, e.g.
+`Image1:<image>\\nImage2:<image>\\nIn Image2, what colour is the square?`. They are
+turned into chat messages with interleaved text and image parts, and the model's
+own chat template renders them. Generation and scoring call `chat_text`; training
+hands `prompt_messages` / `answer_messages` to TRL, whose collator renders them
+with the same `processor.apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mia_dpo.stages.augment.prompts import IMAGE_TAG
+
+
+def user_content(prompt: str) -> list[dict[str, Any]]:
+    """Split `prompt` at each `<image>` tag into chat content parts, in order.
+
+    Text keeps its newlines exactly (they separate `Image1:` from `Image2:`);
+    empty text between adjacent tags or at either end is dropped.
+    """
+    parts: list[dict[str, Any]] = []
+    for i, text in enumerate(prompt.split(IMAGE_TAG)):
+        if i > 0:
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
+def prompt_messages(prompt: str) -> list[dict[str, Any]]:
+    """The user turn of `prompt`, as TRL's `prompt` column expects it."""
+    return [{"role": "user", "content": user_content(prompt)}]
+
+
+def answer_messages(text: str) -> list[dict[str, Any]]:
+    """An assistant turn, as TRL's `chosen` / `rejected` columns expect it."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def image_placeholder(processor: Any) -> str:
+    """The string the processor's chat template writes for one image."""
+    return getattr(processor, "image_token", None) or IMAGE_TAG
+
+
+def chat_text(processor: Any, prompt: str) -> str:
+    """`prompt` rendered by the processor's chat template, ending in the generation prompt.
+
+    Raises ValueError when the template drops, duplicates or reorders images: a
+    template that puts every image first (as some hub LLaVA templates do) would
+    detach the `Image1:` labels from their pictures and silently change the task.
+    """
+    text = processor.apply_chat_template(
+        prompt_messages(prompt), add_generation_prompt=True, tokenize=False
+    )
+    placeholder = image_placeholder(processor)
+    chunks = prompt.split(IMAGE_TAG)
+    segments = text.split(placeholder)
+    if len(segments) != len(chunks):
+        raise ValueError(
+            f"chat template wrote {len(segments) - 1} image placeholder(s) {placeholder!r} "
+            f"for a prompt with {len(chunks) - 1} {IMAGE_TAG} tag(s)"
+        )
+    # Each run of prompt text must land between the same two images as in the prompt.
+    # Compared stripped: templates may trim or pad whitespace around a part.
+    for i, (chunk, segment) in enumerate(zip(chunks, segments, strict=True)):
+        if chunk.strip() and chunk.strip() not in segment:
+            raise ValueError(
+                f"chat template moved prompt text {chunk.strip()!r} away from image "
+                f"position {i}: the template must keep text and images in prompt order"
+            )
+    return text

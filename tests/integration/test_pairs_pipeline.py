@@ -1,0 +1,96 @@
+"""augment -> generate -> score -> select on the tiny model: embedded default vs a real
+redis-server + S3 server with 2 worker processes per stage give the same pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mia_dpo.config import StoreConfig, load_config
+from mia_dpo.controller import Controller
+from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.runtime.queue import MemoryQueue
+from mia_dpo.runtime.store import LocalStore, S3Store
+
+pytestmark = pytest.mark.integration
+
+N = 24
+COMMON = {
+    "seed": 5,
+    "stages": ["augment", "generate", "score", "select"],
+    # small collages: the tiny model sees 64 px anyway
+    "augment": {"grid_tile_px": 64, "grid_margin_px": 16, "grid_label_font_px": 12},
+    "generate": {"max_new_tokens": 6, "batch_size": 3},
+    "score": {"batch_size": 3},
+    "select": {"min_pairs_for_fences": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pairs-src")
+    write_synthetic(out, N, seed=11)
+    return out
+
+
+def pair_fields(rows: list[str]) -> list[dict]:
+    """Pairs without image locations (local path vs s3:// URI)."""
+    out = []
+    for line in rows:
+        rec = json.loads(line)
+        rec["images"] = [Path(u).name for u in rec["images"]]
+        out.append(rec)
+    return out
+
+
+def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_bucket, redis_url):
+    base = {**COMMON, "model": {"path": str(tiny_model_dir)}}
+    base["input"] = {"path": str(source / "data.json"), "image_root": str(source / "images"),
+                     "shard_size": 8}  # fmt: skip
+
+    # embedded default: in-process queue, worker threads, local store
+    emb = {**base, "store": {"backend": "local", "root": str(tmp_path / "emb")},
+           "launcher": {"default_workers": 2}}  # fmt: skip
+    emb_path = tmp_path / "emb.yaml"
+    emb_path.write_text(yaml.safe_dump(emb))
+    cfg = load_config(emb_path, environ={})
+    store = LocalStore(cfg.store.root)
+    outcomes = Controller(cfg, "pairs", store, MemoryQueue(cfg.queue), progress=False).run()
+    assert [o.stage for o in outcomes] == ["augment", "generate", "score", "select"]
+    scored = outcomes[2].stats
+    assert scored.total == N  # one greedy response per sample
+    assert scored.kept + sum(scored.dropped.values()) == N
+    embedded = store.get_jsonl("runs/pairs/select/pairs.jsonl")
+
+    # distributed: Redis + S3, 2 worker processes per stage
+    dist = {**base, "store": {"backend": "s3", "bucket": s3_bucket["bucket"]},
+            "queue": {"backend": "redis", "lease_seconds": 30, "poll_seconds": 0.1},
+            "launcher": {"kind": "local", "default_workers": 2}}  # fmt: skip
+    dist_path = tmp_path / "dist.yaml"
+    dist_path.write_text(yaml.safe_dump(dist))
+    env = dict(os.environ, MIA_DPO_REDIS_URL=redis_url, MIA_DPO_S3_ENDPOINT=s3_bucket["endpoint"],
+               MIA_DPO_S3_ACCESS_KEY=s3_bucket["access_key"],
+               MIA_DPO_S3_SECRET_KEY=s3_bucket["secret_key"], HF_HUB_OFFLINE="1")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mia_dpo", "run", str(dist_path), "--run-id", "pairs", "-q"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s3 = S3Store(StoreConfig(backend="s3", endpoint=s3_bucket["endpoint"], bucket=s3_bucket["bucket"],
+                             access_key=s3_bucket["access_key"],
+                             secret_key=s3_bucket["secret_key"]))  # fmt: skip
+    distributed = s3.get_jsonl("runs/pairs/select/pairs.jsonl")
+    assert pair_fields(distributed) == pair_fields(embedded)
+    assert "select: kept" in proc.stdout
+    # the TRL file has one example per pair, each with its images
+    trl = [json.loads(x) for x in s3.get_jsonl("runs/pairs/select/pairs.trl.jsonl")]
+    assert len(trl) == len(distributed)
+    for ex in trl:
+        n_img = sum(p.get("type") == "image" for p in ex["prompt"][0]["content"])
+        assert n_img == len(ex["images"])
