@@ -64,9 +64,12 @@ def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_b
     outcomes = Controller(cfg, "pairs", store, MemoryQueue(cfg.queue), progress=False).run()
     assert [o.stage for o in outcomes] == ["augment", "generate", "score", "select"]
     scored = outcomes[2].stats
-    assert scored.total == N  # one greedy response per sample
-    assert scored.kept + sum(scored.dropped.values()) == N
+    augmented = outcomes[0].stats.kept  # a 9-image grid can lack distractors among 24
+    assert augmented >= N - 3
+    assert scored.total == augmented  # one greedy response per sample
+    assert scored.kept + sum(scored.dropped.values()) == augmented
     embedded = store.get_jsonl("runs/pairs/select/pairs.jsonl")
+    assert embedded, "the untrained tiny model should be confused by several images"
 
     # distributed: Redis + S3, 2 worker processes per stage
     dist = {**base, "store": {"backend": "s3", "bucket": s3_bucket["bucket"]},
@@ -82,9 +85,10 @@ def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_b
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    s3 = S3Store(StoreConfig(backend="s3", endpoint=s3_bucket["endpoint"], bucket=s3_bucket["bucket"],
-                             access_key=s3_bucket["access_key"],
-                             secret_key=s3_bucket["secret_key"]))  # fmt: skip
+    s3 = S3Store(StoreConfig(
+        backend="s3", endpoint=s3_bucket["endpoint"], bucket=s3_bucket["bucket"],
+        access_key=s3_bucket["access_key"], secret_key=s3_bucket["secret_key"],
+    ))  # fmt: skip
     distributed = s3.get_jsonl("runs/pairs/select/pairs.jsonl")
     assert pair_fields(distributed) == pair_fields(embedded)
     assert "select: kept" in proc.stdout

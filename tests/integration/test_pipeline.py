@@ -107,8 +107,9 @@ def records(store, blobs: BlobReader, run_id: str, n_shards: int) -> list[dict]:
 
 def embedded_records(tmp: Path, src: Path, **augment) -> list[dict]:
     overrides = {
-        "seed": 7, "stages": ["augment"], "input.path": str(src / "data.json"), "input.image_root": str(src / "images"),
-        "input.shard_size": SHARD, "store.root": str(tmp / "embedded"),
+        "seed": 7, "stages": ["augment"], "input.path": str(src / "data.json"),
+        "input.image_root": str(src / "images"), "input.shard_size": SHARD,
+        "store.root": str(tmp / "embedded"),
         "augment.grid_tile_px": 448, **{f"augment.{k}": v for k, v in augment.items()},
     }  # fmt: skip
     cfg = load_config(None, overrides=overrides, environ={})

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import logging as hf_logging
 
 from mia_dpo.config import ModelConfig
 from mia_dpo.errors import UserError
@@ -204,6 +205,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         config = AutoConfig.from_pretrained(cfg.path, **common)
         # Before the weights: refusing a 7B model should not take minutes.
         token_id, tokens, grid = image_token_layout(config, processor)
+        # A per-tensor progress bar in every worker's log helps nobody.
+        hf_logging.disable_progress_bar()
         model = AutoModelForImageTextToText.from_pretrained(
             cfg.path,
             config=config,
