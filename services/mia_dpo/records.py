@@ -151,7 +151,8 @@ class Pair(Record):
     """A DPO preference pair, with the metrics that selected it."""
 
     id: str = Field(description="'{sample_id}-r{response_index}'.")
-    images: list[str] = Field(description="Local paths or s3:// URIs, in prompt order.")
+    # `image`, as in the reference's released pairs, although it is a list.
+    image: list[str] = Field(description="Local paths or s3:// URIs, in prompt order.")
     prompt: str = Field(description="Question with one <image> tag per image.")
     chosen: str = Field(description="Ground truth.")
     rejected: str = Field(description="The model's confused response.")

@@ -44,7 +44,7 @@ def pair_fields(rows: list[str]) -> list[dict]:
     out = []
     for line in rows:
         rec = json.loads(line)
-        rec["images"] = [Path(u).name for u in rec["images"]]
+        rec["image"] = [Path(u).name for u in rec["image"]]
         out.append(rec)
     return out
 

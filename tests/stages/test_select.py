@@ -264,7 +264,7 @@ def test_stage_writes_pairs_trl_rows_and_stats(tmp_path) -> None:  # type: ignor
     assert (first.chosen, first.rejected) == ("The cat is black.", "The dog is white.")
     assert first.ratio == 0.3
     assert (first.length_ratio, first.edit_distance) == (1.0, pytest.approx(0.4))
-    assert first.images == ["/data/a0/0.jpg", "/data/a0/1.jpg"]
+    assert first.image == ["/data/a0/0.jpg", "/data/a0/1.jpg"]
 
     dropped = [json.loads(r) for r in ctx.store.get_jsonl(layout.dropped_key("r1", "select", 0))]
     assert [(d["id"], d["reason"]) for d in dropped] == [("far-grid-r0", "outlier_ppl")]
@@ -273,10 +273,10 @@ def test_stage_writes_pairs_trl_rows_and_stats(tmp_path) -> None:  # type: ignor
     trl = [json.loads(r) for r in ctx.store.get_jsonl("runs/r1/select/pairs.trl.jsonl")]
     assert len(trl) == len(pairs)
     for row, pair in zip(trl, pairs, strict=True):
-        assert row["images"] == pair.images
+        assert row["images"] == pair.image
         (user,) = row["prompt"]
         assert user["role"] == "user"
-        assert sum(part["type"] == "image" for part in user["content"]) == len(pair.images)
+        assert sum(part["type"] == "image" for part in user["content"]) == len(pair.image)
         text = "".join(p["text"] for p in user["content"] if p["type"] == "text")
         assert "What colour is" in text and "<image>" not in text
         answer = [{"role": "assistant", "content": [{"type": "text", "text": pair.chosen}]}]

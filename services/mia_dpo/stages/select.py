@@ -167,7 +167,7 @@ def to_pair(cand: Candidate) -> Pair:
         raise ValueError(f"{cand.id}: rejected response without an attention ratio")
     s = rec.sample
     return Pair(
-        id=cand.id, images=s.images, prompt=s.prompt, chosen=s.chosen,
+        id=cand.id, image=s.images, prompt=s.prompt, chosen=s.chosen,
         rejected=rec.response.text, format=s.format, n_images=s.n_images,
         target_index=s.target_index, ratio=rec.ratio, ppl=cand.ppl,
         length_ratio=cand.length_ratio, edit_distance=cand.edit_distance,
@@ -183,7 +183,7 @@ TRL_METADATA = (
 def trl_row(pair: Pair) -> dict:
     """The conversational vision layout TRL's DPOTrainer loads as is, plus metadata."""
     return {
-        "images": pair.images,
+        "images": pair.image,
         "prompt": prompt_messages(pair.prompt),
         "chosen": answer_messages(pair.chosen),
         "rejected": answer_messages(pair.rejected),
