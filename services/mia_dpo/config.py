@@ -244,6 +244,15 @@ class ModelConfig(Section):
         default="sdpa",
         description="Attention kernel; scoring captures its one layer with any of them.",
     )
+    chat_template: Literal["auto", "checkpoint", "interleaved"] = Field(
+        default="auto",
+        description=(
+            "checkpoint: the model's own chat template (refused if it moves images away from "
+            "their Image{k} labels); interleaved: our LLaVA-1.5 style USER:/ASSISTANT: template "
+            "that keeps text and images in prompt order; auto: checkpoint if it keeps the "
+            "order, else interleaved."
+        ),
+    )
     allow_pickle: bool = Field(
         default=False,
         description="Allow .bin/.pt (pickle) weights; off: safetensors only, pickle can run code.",

@@ -191,3 +191,30 @@ def test_device_and_dtype_resolution() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     expected: Any = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+# Like some hub LLaVA templates: every image first, then all the text.
+IMAGES_FIRST = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
+def test_template_that_moves_images_is_replaced_or_refused(tiny_model_dir) -> None:
+    from transformers import AutoProcessor
+
+    from mia_dpo.models.loading import choose_chat_template
+    from mia_dpo.models.prompting import INTERLEAVED_CHAT_TEMPLATE, chat_text, keeps_image_order
+
+    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert keeps_image_order(proc)
+    proc.chat_template = IMAGES_FIRST
+    assert not keeps_image_order(proc)
+    with pytest.raises(UserError, match=r"model\.chat_template"):
+        choose_chat_template(proc, "checkpoint", "m")
+    choose_chat_template(proc, "auto", "m")
+    assert proc.chat_template == INTERLEAVED_CHAT_TEMPLATE
+    text = chat_text(proc, "Image1:<image>\nImage2:<image>\nIn Image2, what is it?")
+    assert text.index("Image1:") < text.index("<image>") < text.index("Image2:")

@@ -9,6 +9,7 @@ at load time, before their weights are read.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from transformers.utils import logging as hf_logging
 
 from mia_dpo.config import ModelConfig
 from mia_dpo.errors import UserError
+from mia_dpo.models.prompting import INTERLEAVED_CHAT_TEMPLATE, keeps_image_order
+
+log = logging.getLogger("mia_dpo.models")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -192,6 +196,25 @@ def _check_local_dir(path: str, allow_pickle: bool) -> None:
         )
 
 
+def choose_chat_template(processor: Any, mode: str, name: str) -> None:
+    """Make the processor's template one that keeps each image next to its label.
+    The same processor serves generation, scoring and training, so whatever is
+    chosen here is what all three see."""
+    if mode == "interleaved" or (mode == "auto" and not keeps_image_order(processor)):
+        if mode == "auto":
+            log.warning(
+                "%s: its chat template moves images away from their Image{k} labels; "
+                "using the interleaved USER:/ASSISTANT: template (model.chat_template)",
+                name,
+            )
+        processor.chat_template = INTERLEAVED_CHAT_TEMPLATE
+    elif not keeps_image_order(processor):
+        raise UserError(
+            f"model.chat_template: {name}'s own template does not keep images in prompt "
+            "order; use 'auto' or 'interleaved'"
+        )
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Processor and model from a local save_pretrained directory or a hub id."""
     if not cfg.path:
@@ -205,6 +228,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         config = AutoConfig.from_pretrained(cfg.path, **common)
         # Before the weights: refusing a 7B model should not take minutes.
         token_id, tokens, grid = image_token_layout(config, processor)
+        choose_chat_template(processor, cfg.chat_template, cfg.path)
         # A per-tensor progress bar in every worker's log helps nobody.
         hf_logging.disable_progress_bar()
         model = AutoModelForImageTextToText.from_pretrained(

@@ -15,6 +15,32 @@ from typing import Any
 
 from mia_dpo.stages.augment.prompts import IMAGE_TAG
 
+# Renders list content in order ("USER: Image1:<image>\nImage2:<image>\nIn Image2, ..."),
+# " ASSISTANT:" as the generation prompt and an assistant turn as " {text}</s>". The BOS
+# comes from the template, not the tokenizer: TRL's collator tokenizes with
+# add_special_tokens=False and generation with True, and both must see the same ids.
+# {% generation %} marks the answer for assistant-only SFT masks.
+INTERLEAVED_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}"
+    "{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'assistant' %} ASSISTANT:{% generation %} "
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{{ eos_token }}{% endgeneration %}"
+    "{% else %}"
+    "{% if message['role'] == 'user' %}{% if not loop.first %} {% endif %}USER: {% endif %}"
+    "{% for part in parts %}"
+    "{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'system' %} {% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
 
 def user_content(prompt: str) -> list[dict[str, Any]]:
     """Split `prompt` at each `<image>` tag into chat content parts, in order.
@@ -73,3 +99,12 @@ def chat_text(processor: Any, prompt: str) -> str:
                 f"position {i}: the template must keep text and images in prompt order"
             )
     return text
+
+
+def keeps_image_order(processor: Any) -> bool:
+    """Whether the processor's chat template keeps text and images where the prompt has them."""
+    try:
+        chat_text(processor, "Image1:<image>\nImage2:<image>\nIn Image2, what is it?")
+    except ValueError:
+        return False
+    return True

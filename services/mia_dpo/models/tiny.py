@@ -24,6 +24,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mia_dpo.data.synthetic import COLOURS, COUNT_WORDS, SHAPES
+from mia_dpo.models.prompting import INTERLEAVED_CHAT_TEMPLATE
 from mia_dpo.stages.augment.prompts import DEFAULT_PIP_PHRASINGS, IMAGE_TAG
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -31,31 +32,6 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, IMAGE_TAG)
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE_TAG)
 
-# Renders list content in order ("USER: Image1:<image>\nImage2:<image>\nIn Image2, ..."),
-# " ASSISTANT:" as the generation prompt and an assistant turn as " {text}</s>". The BOS
-# comes from the template, not the tokenizer: TRL's collator tokenizes with
-# add_special_tokens=False and generation with True, and both must see the same ids.
-# {% generation %} marks the answer for assistant-only SFT masks.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}"
-    "{% set parts = [{'type': 'text', 'text': message['content']}] %}"
-    "{% else %}{% set parts = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'assistant' %} ASSISTANT:{% generation %} "
-    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{{ eos_token }}{% endgeneration %}"
-    "{% else %}"
-    "{% if message['role'] == 'user' %}{% if not loop.first %} {% endif %}USER: {% endif %}"
-    "{% for part in parts %}"
-    "{% if part['type'] == 'image' %}<image>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if message['role'] == 'system' %} {% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
 
 # Words beyond the synthetic questions, so short free-form answers stay readable.
 _EXTRA_WORDS = (
@@ -108,7 +84,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     # ("Image2 ," -> "Image2,"). WordPiece's own cleanup is off: it also rewrites words.
     glue = [decoders.Replace(f" {p}", p) for p in ":,?.!"]
     tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=False), *glue])
-    # No post-processor: the chat template writes the BOS itself (see CHAT_TEMPLATE).
+    # No post-processor: the chat template writes the BOS itself
+    # (see INTERLEAVED_CHAT_TEMPLATE).
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -189,7 +166,7 @@ def build_tiny_model(
         vision_feature_select_strategy="default",
         # CLIP prepends a CLS token that "default" then drops: +1 - 1 = grid**2 tokens.
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=INTERLEAVED_CHAT_TEMPLATE,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -56,13 +56,16 @@ def attention_ratio(
         ]
         shares = sequence_shares(token_att, spans)
         return shares[sample.target_index - 1], list(shares)
+    # one picture: its patch grid is its last pr * pc tokens (a "full" feature strategy
+    # puts a CLS token first, which belongs to no block)
+    patches = token_att[tokens_per_image - patch_grid[0] * patch_grid[1] :]
     if sample.format == "grid":
         assert sample.layout is not None
-        blocks = grid_block_sums(token_att, patch_grid, tuple(sample.layout))  # (rows, cols)
+        blocks = grid_block_sums(patches, patch_grid, tuple(sample.layout))  # (rows, cols)
         total = float(blocks.sum()) or 1.0
         shares = (blocks / total).flatten().tolist()
         return shares[sample.target_index - 1], shares
-    ratio = pip_ratio(token_att, patch_grid, cfg.pip_border_fraction)
+    ratio = pip_ratio(patches, patch_grid, cfg.pip_border_fraction)
     return ratio, [1.0 - ratio, ratio]  # background, inset
 
 
