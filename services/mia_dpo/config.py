@@ -253,6 +253,14 @@ class ModelConfig(Section):
             "order, else interleaved."
         ),
     )
+    pad_to_square: bool = Field(
+        default=True,
+        description=(
+            "Pad each image to a square with the image processor's mean colour before its own "
+            "resize and crop, as LLaVA-1.5 does (image_aspect_ratio 'pad'); without it a centre "
+            "crop cuts off the outer tiles of a wide collage."
+        ),
+    )
     allow_pickle: bool = Field(
         default=False,
         description="Allow .bin/.pt (pickle) weights; off: safetensors only, pickle can run code.",

@@ -95,6 +95,7 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
     stats = ShardStats(stage="generate", shard=task.shard)
     drops = DropLog(stats)
     todo: list[tuple[AugmentedSample, list]] = []
+    lm = cached_model(ctx)
     for line in ctx.store.get_jsonl(layout.shard_key(task.run_id, "augment", task.shard)):
         sample = AugmentedSample.model_validate_json(line)
         stats.total += 1
@@ -104,10 +105,9 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
             )
             continue
         try:
-            todo.append((sample, load_images(ctx, sample)))
+            todo.append((sample, load_images(ctx, sample, lm)))
         except SampleError as e:
             drops.drop(sample.sample_id, e.reason, e.detail)
-    lm = cached_model(ctx)
     rows: list[str] = []
     with MODEL_USE_LOCK:
         for i in range(0, len(todo), gcfg.batch_size):

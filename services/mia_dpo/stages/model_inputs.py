@@ -48,8 +48,27 @@ def noised(
     return [add_noise(images[0], cfg.noise_sigma_pip, rng, None)]
 
 
-def load_images(ctx: StageContext, sample: AugmentedSample) -> list[Image.Image]:
-    """The sample's images as RGB, noised if configured; SampleError if one is gone."""
+def pad_fill(lm: Any) -> tuple[int, int, int] | None:
+    """The colour LLaVA pads with (the image processor's mean), or None: no padding."""
+    mean = getattr(getattr(lm.processor, "image_processor", None), "image_mean", None)
+    if mean is None or len(mean) != 3:
+        return (127, 127, 127)
+    return tuple(round(255 * m) for m in mean)  # type: ignore[return-value]
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas, so the processor's crop cuts nothing."""
+    side = max(img.size)
+    if img.width == img.height:
+        return img
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
+def load_images(ctx: StageContext, sample: AugmentedSample, lm: Any = None) -> list[Image.Image]:
+    """The sample's images as the model gets them: RGB, noised if configured, padded
+    to a square if configured (with `lm`'s mean colour); SampleError if one is gone."""
     cfg: RunConfig = ctx.config
     images = []
     for uri in sample.images:
@@ -60,7 +79,12 @@ def load_images(ctx: StageContext, sample: AugmentedSample) -> list[Image.Image]
         # Augmented images were checked once already; the pixel limit here only
         # guards against a store edited behind our back.
         images.append(decode_image(data, uri, cfg.input.max_image_pixels, 1))
-    return noised(sample, images, cfg.generate, cfg.seed)
+    # Noise first: its target box is in the composed image's own coordinates.
+    images = noised(sample, images, cfg.generate, cfg.seed)
+    if lm is not None and cfg.model.pad_to_square:
+        fill = pad_fill(lm)
+        images = [pad_to_square(img, fill) for img in images]
+    return images
 
 
 _MODELS: dict[str, Any] = {}

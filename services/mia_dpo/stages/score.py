@@ -159,7 +159,7 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
             items = []
             for n, sample, response, idx in batch:
                 try:
-                    items.append((n, sample, load_images(ctx, sample), response, idx))
+                    items.append((n, sample, load_images(ctx, sample, lm), response, idx))
                 except SampleError as e:
                     emit(n, sample, idx, response, "dropped", e.reason)
             if not items:
