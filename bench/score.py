@@ -295,7 +295,7 @@ def main() -> None:
         f"tiny LLaVA: {s['layers']} decoder layers (probe at {s['layer']}), hidden 256, "
         f"{s['H']} heads; {N_IMAGES} images x {s['image_tokens']} tokens; "
         f"B={s['B']}, T={s['T']}, R={s['R']} response rows; {s['device']}, "
-        f"{torch.get_num_threads()} threads, median of {args.reps}; "
+        f"torch threads {torch.get_num_threads()}, median of {args.reps}; "
         f"load average {os.getloadavg()[0]:.2f} at the end (other processes make times noisy)\n"
     )
     cuda = "cuda" in mem["a"]

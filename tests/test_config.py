@@ -42,8 +42,21 @@ def test_defaults_are_the_papers_constants() -> None:
     assert cfg.queue.backend == "memory"
     assert cfg.launcher.kind == "inline"
     assert cfg.store.backend == "local"
-    assert cfg.stages == ["augment"]
+    assert cfg.stages == ["augment", "generate", "score", "select"]
     assert cfg.seed == 0
+    # method.md 2-4
+    assert cfg.generate.max_new_tokens == 512 and cfg.generate.temperature == 0.0
+    assert cfg.generate.num_samples == 1 and cfg.generate.noise is False
+    assert (cfg.generate.noise_sigma_grid, cfg.generate.noise_sigma_pip) == (225.0, 49.0)
+    assert cfg.generate.max_chosen_chars == 512
+    assert cfg.score.layer is None  # num_layers // 2
+    assert cfg.score.sequence_thresholds == {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6}
+    assert cfg.score.grid_thresholds == {2: 0.7, 3: 0.6, 4: 0.5, 6: 0.4, 9: 0.3}
+    assert cfg.score.pic_in_pic_threshold == 0.8 and cfg.score.min_ppl == 1.1
+    assert cfg.score.pip_border_fraction == pytest.approx(1 / 6)
+    assert cfg.select.iqr_multiplier == 1.5
+    assert cfg.select.metrics == ["ppl", "length_ratio", "edit_distance"]
+    assert cfg.model.allow_pickle is False and cfg.model.trust_remote_code is False
 
 
 def _fields(model: type[BaseModel], where: str = "") -> list[tuple[str, Any]]:
@@ -241,7 +254,11 @@ def test_stage_params_exclude_connections() -> None:
         queue={"backend": "redis", "lease_seconds": 5},
         launcher={"kind": "external", "default_workers": 8},
     )
-    assert set(a.stage_params()) == {"seed", "input", "augment"}
+    assert set(a.stage_params()) == {
+        "seed", "input", "augment", "model", "generate", "score", "select",
+    }  # fmt: skip
+    assert RunConfig(generate={"batch_size": 64}).stage_params() == RunConfig().stage_params()
+    assert RunConfig(score={"layer": 3}).stage_params() != RunConfig().stage_params()
     assert a.stage_params() == b.stage_params()
     assert RunConfig(seed=2).stage_params() != a.stage_params()
     assert RunConfig(augment={"pip_scale": 0.5}).stage_params() != RunConfig().stage_params()

@@ -408,9 +408,12 @@ class RunConfig(Section):
 
     def stage_params(self) -> dict[str, Any]:
         """The part of the config that decides outputs: a resumed run must not change it."""
+        # Batch sizes and the device are how, not what: a run resumed on other
+        # hardware may change them (greedy outputs do not depend on them).
         return self.model_dump(
             mode="json",
             include={"seed", "input", "augment", "model", "generate", "score", "select"},
+            exclude={"generate": {"batch_size"}, "score": {"batch_size"}, "model": {"device"}},
         )
 
 
