@@ -266,6 +266,11 @@ def time_variants(model_dir: Path, batch: int, reps: int) -> tuple[dict[str, lis
     return {v: [x * 1000 for x in t] for v, t in times.items()}, shape
 
 
+def _ratio(a: float, b: float) -> float:
+    """On a GPU the host-side numbers can be 0: no ratio then, not a crash."""
+    return a / b if b else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the tiny model")
@@ -309,10 +314,10 @@ def main() -> None:
         m, nb = mem[v], mem["b"]
         line = f"{name:<30}{ms[v]:>10.1f}{ms[v] / ms['a']:>7.2f}"
         line += f"{best[v]:>8.1f}{best[v] / best['a']:>7.2f}"
-        line += f"{m['rss']:>8.1f}{m['rss'] / nb['rss']:>7.2f}"
-        line += f"{m['tensors']:>11.1f}{m['tensors'] / nb['tensors']:>7.2f}"
+        line += f"{m['rss']:>8.1f}{_ratio(m['rss'], nb['rss']):>7.2f}"
+        line += f"{m['tensors']:>11.1f}{_ratio(m['tensors'], nb['tensors']):>7.2f}"
         if cuda:
-            line += f"{m['cuda']:>9.1f}{m['cuda'] / nb['cuda']:>7.2f}"
+            line += f"{m['cuda']:>9.1f}{_ratio(m['cuda'], nb['cuda']):>7.2f}"
         print(line)
 
     b, h, t, r, e = s["B"], s["H"], s["T"], s["R"], s["elem"]
@@ -327,8 +332,12 @@ def main() -> None:
         f"probe time / plain forward time: {ms['p'] / ms['a']:.2f}x (target <= 1.15x); "
         f"of the minima: {best['p'] / best['a']:.2f}x"
     )
-    print(f"probe memory / naive memory: {mem['p']['rss'] / mem['b']['rss']:.2f} (RSS), "
-          f"{mem['p']['tensors'] / mem['b']['tensors']:.2f} (tensors)")  # fmt: skip
+    cuda_txt = (
+        f", {_ratio(mem['p']['cuda'], mem['b']['cuda']):.2f} (CUDA)" if "cuda" in mem["p"] else ""
+    )
+    rss = _ratio(mem["p"]["rss"], mem["b"]["rss"])
+    tensors = _ratio(mem["p"]["tensors"], mem["b"]["tensors"])
+    print(f"probe memory / naive memory: {rss:.2f} (RSS), {tensors:.2f} (tensors){cuda_txt}")
 
 
 if __name__ == "__main__":

@@ -305,9 +305,9 @@ class BlobReader:
         return self._client
 
     def read(self, uri: str) -> bytes:
-        from minio.error import S3Error
-
         if uri.startswith("s3://"):
+            from minio.error import S3Error
+
             bucket, _, name = uri[5:].partition("/")
             if not bucket or not name:
                 raise NotFound(f"{uri}: not an s3://bucket/key URI")
