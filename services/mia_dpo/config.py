@@ -47,6 +47,15 @@ class InputConfig(Section):
     limit: int | None = Field(
         default=None, ge=1, description="Use only the first N samples of the index (null: all)."
     )
+    holdout_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Fraction of source samples held out for the evaluate stage, chosen by a hash of "
+            "(seed, id); they never reach augment, pairs or training. 0: none."
+        ),
+    )
 
 
 class StoreConfig(Section):
@@ -356,6 +365,71 @@ class SelectConfig(Section):
     min_pairs_for_fences: int = Field(
         default=8, ge=1, description="Below this many pairs quartiles mean little: keep them all."
     )
+    strategy: Literal["attention", "random"] = Field(
+        default="attention",
+        description=(
+            "attention: MIA-DPO; random: an ablation that rejects randomly chosen responses "
+            "(not equal to the ground truth), as many as attention selection would give."
+        ),
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["dpo", "sft"] = Field(
+        default="dpo", description="dpo: MIA-DPO; sft: SFT on the chosen answers (a baseline)."
+    )
+    beta: float = Field(default=0.1, gt=0.0, description="DPO beta (method.md 5).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        default="sigmoid", description="DPO loss (TRL loss_type); sigmoid is standard DPO."
+    )
+    sft_weight: float = Field(
+        default=0.0, ge=0.0, description="Weight of an added SFT loss on chosen (0: none)."
+    )
+    lora_r: int = Field(default=128, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=256, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    learning_rate: float = Field(default=5e-5, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Warm-up fraction.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the pairs.")
+    batch_size: int = Field(default=1, ge=1, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(
+        default=8, ge=1, description="Steps accumulated per optimizer step (reference: 8 x 8 GPUs)."
+    )
+    max_length: int = Field(
+        default=4096, ge=16, description="Longest prompt + answer in tokens (never cut images)."
+    )
+    bf16: Literal["auto", "on", "off"] = Field(
+        default="auto", description="bf16 mixed precision; auto: on when CUDA supports it."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Recompute activations to save memory; auto: on with CUDA."
+    )
+    save_steps: int = Field(
+        default=50, ge=1, description="Checkpoint to the store every N optimizer steps."
+    )
+    logging_steps: int = Field(default=5, ge=1, description="Log the loss every N steps.")
+    merge_adapter: bool = Field(
+        default=False, description="Also save the base model with the adapter merged in."
+    )
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(default=16, ge=1, description="Questions per generate() call.")
+    max_new_tokens: int = Field(default=16, ge=1, description="Answers are short: tokens.")
+    formats: list[Literal["sequence", "grid", "pic_in_pic"]] = Field(
+        default=["sequence", "grid", "pic_in_pic"],
+        description="Multi-image formats built from every held-out sample.",
+    )
+    single_image: bool = Field(
+        default=True, description="Also ask each held-out question about its image alone."
+    )
+    compare_base: bool = Field(
+        default=True, description="Evaluate the base model too, on identical inputs."
+    )
 
 
 class RunConfig(Section):
@@ -365,7 +439,7 @@ class RunConfig(Section):
     seed: int = Field(
         default=0, ge=0, description="Run seed; each sample is seeded from (seed, id)."
     )
-    stages: list[Literal["augment", "generate", "score", "select"]] = Field(
+    stages: list[Literal["augment", "generate", "score", "select", "train", "evaluate"]] = Field(
         default=list(STAGE_ORDER), description="Stages to run, in pipeline order."
     )
     input: InputConfig = Field(default_factory=InputConfig, description="Source data to augment.")
@@ -393,6 +467,12 @@ class RunConfig(Section):
     select: SelectConfig = Field(
         default_factory=SelectConfig, description="Post-selection over all pairs (method.md 4)."
     )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="DPO with LoRA (method.md 5)."
+    )
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="Multi-image evaluation, before / after."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -412,8 +492,23 @@ class RunConfig(Section):
         # hardware may change them (greedy outputs do not depend on them).
         return self.model_dump(
             mode="json",
-            include={"seed", "input", "augment", "model", "generate", "score", "select"},
-            exclude={"generate": {"batch_size"}, "score": {"batch_size"}, "model": {"device"}},
+            include={
+                "seed",
+                "input",
+                "augment",
+                "model",
+                "generate",
+                "score",
+                "select",
+                "train",
+                "evaluate",
+            },
+            exclude={
+                "generate": {"batch_size"},
+                "score": {"batch_size"},
+                "model": {"device"},
+                "evaluate": {"batch_size"},
+            },
         )
 
 

@@ -39,6 +39,7 @@ class Plan(BaseModel):
     input: str
     input_sha256: str
     n_records: int
+    n_holdout: int = 0
     n_shards: int
     shard_size: int
 
@@ -79,6 +80,14 @@ def store_run_config(store: Store, cfg: RunConfig, run_id: str) -> None:
         )
 
 
+def is_held_out(cfg: RunConfig, sample_id: str) -> bool:
+    """A stable coin per (seed, id): the same samples are held out whatever the order."""
+    if cfg.input.holdout_fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{cfg.seed}\x00holdout\x00{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < cfg.input.holdout_fraction
+
+
 def plan_run(store: Store, blobs: BlobReader, cfg: RunConfig, run_id: str) -> Plan:
     """Split the input index into shards and build the distractor pools (once per run)."""
     if not cfg.input.path:
@@ -103,24 +112,17 @@ def plan_run(store: Store, blobs: BlobReader, cfg: RunConfig, run_id: str) -> Pl
     records, problems = read_index(data, cfg.input.path)
     if cfg.input.limit is not None:
         records = records[: cfg.input.limit]
-    stats = ShardStats(stage="plan", shard=0, total=len(records) + len(problems), kept=len(records))
+    stats = ShardStats(stage="plan", shard=0, total=len(records) + len(problems))
     for _line, reason, _detail in problems:
         stats.drop(reason)
-    # Pools of distractor candidates per source subset: every distinct image of the
-    # samples that parse. Whether an image decodes is found out when it is drawn.
-    pools: dict[str, list[str]] = {}
-    seen: set[str] = set()
-    for line, raw in records:
-        try:
-            sample = parse_sample(raw, line)
-        except SampleError:
-            continue  # the augment stage drops it, with its reason
-        if sample.image not in seen:
-            seen.add(sample.image)
-            pools.setdefault(sample.source, []).append(sample.image)
     # Sample ids name output files: a repeated id is dropped, not allowed to overwrite.
+    # Held-out samples (for evaluate) are split off here, so they never reach augment,
+    # the pairs or training; each side gets its own distractor pools.
     first_line: dict[str, int] = {}
-    rows = []
+    rows, holdout = [], []
+    pools: dict[str, list[str]] = {}
+    holdout_pools: dict[str, list[str]] = {}
+    seen: set[str] = set()
     for line, raw in records:
         row: dict[str, object] = {"line": line, "raw": raw}
         sid = raw.get("id") if isinstance(raw, dict) else None
@@ -129,7 +131,20 @@ def plan_run(store: Store, blobs: BlobReader, cfg: RunConfig, run_id: str) -> Pl
                 row["duplicate_of"] = first_line[str(sid)]
             else:
                 first_line[str(sid)] = line
-        rows.append(json.dumps(row, ensure_ascii=False))
+        held = "duplicate_of" not in row and sid is not None and is_held_out(cfg, str(sid))
+        (holdout if held else rows).append(json.dumps(row, ensure_ascii=False))
+        # Distractor candidates per source subset: every distinct image of the samples
+        # that parse. Whether an image decodes is found out when it is drawn.
+        try:
+            sample = parse_sample(raw, line)
+        except SampleError:
+            continue  # the augment stage drops it, with its reason
+        if sample.image not in seen:
+            seen.add(sample.image)
+            (holdout_pools if held else pools).setdefault(sample.source, []).append(sample.image)
+    stats.kept = len(rows)
+    if holdout:
+        stats.notes["held_out"] = len(holdout)
     size = cfg.input.shard_size
     n_shards = math.ceil(len(rows) / size)
     for i in range(n_shards):
@@ -139,11 +154,14 @@ def plan_run(store: Store, blobs: BlobReader, cfg: RunConfig, run_id: str) -> Pl
         [json.dumps({"line": ln, "reason": r, "detail": d}) for ln, r, d in problems],
     )
     store.put_json(layout.pools_key(run_id), pools)
+    store.put_jsonl(layout.holdout_key(run_id), holdout)
+    store.put_json(layout.holdout_pools_key(run_id), holdout_pools)
     store.put_json(layout.stage_stats_key(run_id, "plan"), stats.model_dump())
     plan = Plan(
         input=cfg.input.path,
         input_sha256=digest,
         n_records=len(records),
+        n_holdout=len(holdout),
         n_shards=n_shards,
         shard_size=size,
     )

@@ -18,11 +18,11 @@ FORMATS: tuple[Format, ...] = ("sequence", "grid", "pic_in_pic")
 
 # Stages a queue message may name. Later stages (generate, score, ...) add
 # themselves here as they are implemented.
-StageName = Literal["augment", "generate", "score", "select"]
-STAGE_ORDER: tuple[str, ...] = ("augment", "generate", "score", "select")
+StageName = Literal["augment", "generate", "score", "select", "train", "evaluate"]
+STAGE_ORDER: tuple[str, ...] = ("augment", "generate", "score", "select", "train", "evaluate")
 # Stages that run one task over the whole run instead of one per shard.
-SINGLE_TASK_STAGES: frozenset[str] = frozenset({"select"})
-MODEL_STAGES: frozenset[str] = frozenset({"generate", "score"})
+SINGLE_TASK_STAGES: frozenset[str] = frozenset({"select", "train", "evaluate"})
+MODEL_STAGES: frozenset[str] = frozenset({"generate", "score", "train", "evaluate"})
 
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 

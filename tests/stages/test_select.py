@@ -322,3 +322,27 @@ def test_stage_without_score_output_writes_empty_files(tmp_path) -> None:  # typ
 def test_stage_refuses_other_shards(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="one task"):
         run_shard(Task.make("r1", "select", 1), make_ctx(tmp_path))
+
+
+def test_random_strategy_draws_as_many_pairs_from_all_scored(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx = make_ctx(tmp_path)
+    write_score_shards(ctx.store)
+    attention = run_shard(Task.make("r1", "select", 0), ctx)
+    picked_attention = ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")
+
+    rnd = StageContext(
+        store=ctx.store, blobs=ctx.blobs, config=RunConfig(select={"strategy": "random"})
+    )
+    stats = run_shard(Task.make("r1", "select", 0), rnd)
+    ids = [
+        Pair.model_validate_json(x).id for x in ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")
+    ]
+    assert stats.kept == attention.kept == len(ids) == len(set(ids))  # same number of pairs
+    assert stats.total == stats.kept + stats.dropped["not_drawn"]
+    # drawn from every scored response, attention_ok / low_ppl ones included, not the same set
+    assert ids != [Pair.model_validate_json(x).id for x in picked_attention]
+    again = run_shard(Task.make("r1", "select", 0), rnd)
+    assert again.kept == stats.kept
+    assert [
+        Pair.model_validate_json(x).id for x in ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")
+    ] == ids

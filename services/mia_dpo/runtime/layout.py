@@ -53,6 +53,15 @@ def pools_key(run_id: str) -> str:
     return f"runs/{run_id}/plan/pools.json"
 
 
+def holdout_key(run_id: str) -> str:
+    """Source records held out for the evaluate stage (same row format as plan shards)."""
+    return f"runs/{run_id}/plan/holdout.jsonl"
+
+
+def holdout_pools_key(run_id: str) -> str:
+    return f"runs/{run_id}/plan/holdout_pools.json"
+
+
 _MARKER = re.compile(r"/shard-(\d{5,})\.done$")
 
 

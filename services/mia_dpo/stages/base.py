@@ -39,6 +39,8 @@ _STAGES: dict[str, str] = {
     "generate": "mia_dpo.stages.generate:run_shard",
     "score": "mia_dpo.stages.score:run_shard",
     "select": "mia_dpo.stages.select:run_shard",
+    "train": "mia_dpo.stages.train:run_shard",
+    "evaluate": "mia_dpo.stages.evaluate:run_shard",
 }
 
 

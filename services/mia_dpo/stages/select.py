@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from dataclasses import dataclass
 
@@ -199,6 +200,15 @@ def trl_pairs_key(run_id: str) -> str:
     return layout.stage_prefix(run_id, "select") + "pairs.trl.jsonl"
 
 
+def random_selection(scored: list[ScoredResponse], n: int, seed: int) -> list[Candidate]:
+    """The ablation: as many pairs as attention selection gave, with the rejected
+    responses drawn uniformly from every scored response (each differs from the
+    ground truth and is non-empty), ignoring the attention ratio and the fences."""
+    rng = random.Random(f"{seed}\x00select-random")
+    picked = sorted(rng.sample(range(len(scored)), min(n, len(scored))))
+    return [Candidate.from_scored(scored[i]) for i in picked]
+
+
 # --- The stage -------------------------------------------------------------------
 
 
@@ -220,10 +230,13 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
     drops = DropLog(stats)
 
     candidates: list[Candidate] = []
+    scored: list[ScoredResponse] = []  # every response that was scored (has a ratio)
     for key in score_shard_keys(ctx, task.run_id):
         for line in ctx.store.get_jsonl(key):
             rec = ScoredResponse.model_validate_json(line)
             stats.total += 1
+            if rec.ratio is not None:
+                scored.append(rec)
             if rec.decision == "rejected":
                 candidates.append(Candidate.from_scored(rec))
             else:
@@ -239,6 +252,10 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         lo, hi = fences[name]
         drops.drop(cand.id, reason, f"{name}={cand.metric(name):.6g} outside [{lo:.6g}, {hi:.6g}]")
 
+    if cfg.strategy == "random":
+        kept = random_selection(scored, len(kept), ctx.config.seed)
+        stats.dropped = {"not_drawn": stats.total - len(kept)}
+        stats.notes["strategy_random"] = 1
     pairs = [to_pair(c) for c in kept]
     stats.kept = len(pairs)
     for fmt in FORMATS:
