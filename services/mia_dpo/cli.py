@@ -146,6 +146,38 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base_model(args: argparse.Namespace) -> int:
+    from mia_dpo.models.base import ensure_base_model
+
+    params = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+    path = ensure_base_model(Path(args.out), **params)
+    print(f"base model -> {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mia_dpo.stages.train import train_standalone
+
+    if not Path(args.pairs).is_file():
+        raise UserError(f"--pairs {args.pairs}: file not found")
+    cfg = load_config(args.config, overrides={"model.path": args.model})
+    out = train_standalone(Path(args.pairs), args.model, Path(args.out), cfg)
+    print(f"adapter -> {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mia_dpo.report_html import write_report
+    from mia_dpo.runtime.store import BlobReader
+
+    cfg = load_config(args.config)
+    run_id = _run_id(args.run_id, cfg)
+    store, _ = _connections(cfg)
+    path = write_report(store, BlobReader(cfg.store), run_id, Path(args.out))
+    print(f"report -> {path}")
+    return 0
+
+
 def cmd_contact_sheet(args: argparse.Namespace) -> int:
     from mia_dpo.report import contact_sheet
 
@@ -204,6 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder to save_pretrained into")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_tiny_model)
+
+    b = sub.add_parser("base-model", help="train the tiny LLaVA on single-image questions (cached)")
+    b.add_argument("--out", required=True, help="folder to save_pretrained into")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tuned)")
+    b.set_defaults(fn=cmd_base_model)
+
+    tr = sub.add_parser("train", help="DPO (or SFT) with LoRA on a pairs file, outside a run")
+    tr.add_argument("--pairs", required=True, help="pairs.trl.jsonl written by the select stage")
+    tr.add_argument("--model", required=True, help="base model: local folder or hub id")
+    tr.add_argument("--out", required=True, help="folder for the adapter and metadata.json")
+    tr.add_argument("--config", help="config YAML whose train section to use")
+    tr.set_defaults(fn=cmd_train)
+
+    rp = sub.add_parser(
+        "report", help="an HTML report of a run: pairs, drops, training, evaluation"
+    )
+    rp.add_argument("--run-id", required=True)
+    rp.add_argument("--config", help="config YAML of the run")
+    rp.add_argument("--out", required=True, help="HTML file to write")
+    rp.set_defaults(fn=cmd_report)
 
     c = sub.add_parser("contact-sheet", help="a PNG showing augmented samples of each format")
     c.add_argument("--run-id", required=True)
