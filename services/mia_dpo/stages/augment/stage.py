@@ -122,22 +122,25 @@ def draw_distractors(
     )
 
 
-def _image_key(run_id: str, shard: int, sample_id: str, ext: str) -> str:
+def _image_key(prefix: str, sample_id: str, ext: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:80]
     tag = hashlib.sha1(sample_id.encode()).hexdigest()[:8]  # keeps sanitised ids apart
-    return f"runs/{run_id}/augment/images/shard-{shard:05d}/{safe}-{tag}.{ext}"
+    return f"{prefix}/{safe}-{tag}.{ext}"
 
 
 def choose_format(
-    rng: random.Random, sample: SourceSample, acfg: AugmentConfig
+    rng: random.Random, sample: SourceSample, acfg: AugmentConfig, fmt: Format | None = None
 ) -> tuple[Format, bool]:
-    """Draw the format; a bbox question cannot go into a composed image. Returns
-    (format, whether it fell back to sequence because of coordinates)."""
-    fmt: Format = _pick(rng, acfg.formats, list(FORMATS))
+    """Draw the format (or take `fmt`, forced); a bbox question cannot go into a
+    composed image. Returns (format, whether it fell back to sequence because of
+    coordinates). A forced format never falls back: the caller asked for that one."""
+    forced = fmt is not None
+    if fmt is None:
+        fmt = _pick(rng, acfg.formats, list(FORMATS))
     if fmt in acfg.skip_bbox_for and any(
         has_bbox(t.question) or has_bbox(t.answer) for t in sample.turns
     ):
-        if acfg.formats.get("sequence", 0) > 0:
+        if not forced and acfg.formats.get("sequence", 0) > 0:
             return "sequence", True
         raise SampleError(
             "bbox_coordinates", f"{fmt}: the conversation holds [x1, y1, x2, y2] coordinates"
@@ -151,11 +154,18 @@ def augment_sample(
     loader: ImageLoader,
     cfg: RunConfig,
     ctx_key: tuple[str, int],
+    *,
+    fmt: Format | None = None,
+    salt: str = "",
+    image_prefix: str | None = None,
 ) -> tuple[AugmentedSample, bool]:
+    """`fmt` forces the format; `salt` gives draws independent of the augment stage's
+    (the evaluate stage builds its benchmark with both); `image_prefix` is the store
+    folder of composed images (default: this run's augment/images/shard-N)."""
     acfg = cfg.augment
     run_id, shard = ctx_key
-    rng = sample_rng(cfg.seed, sample.id)
-    fmt, fell_back = choose_format(rng, sample, acfg)
+    rng = sample_rng(cfg.seed, salt + sample.id)
+    fmt, fell_back = choose_format(rng, sample, acfg, fmt)
     if fmt == "sequence":
         n = _pick(rng, acfg.sequence_counts, list(SEQUENCE_COUNTS))
     elif fmt == "grid":
@@ -184,7 +194,8 @@ def augment_sample(
 
     def save(img: Image.Image) -> list[str]:
         """Composed images go to the store; records point at them."""
-        key = _image_key(run_id, shard, sample_id, ext)
+        prefix = image_prefix or f"runs/{run_id}/augment/images/shard-{shard:05d}"
+        key = _image_key(prefix, sample_id, ext)
         loader.ctx.store.put_bytes(key, encode_image(img, acfg.image_format, acfg.jpeg_quality))
         return [loader.ctx.store.uri(key)]
 
