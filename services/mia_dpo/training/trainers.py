@@ -1,0 +1,165 @@
+"""The TRL trainer of the train stage: LoRA targets, DPOConfig / SFTConfig from our
+TrainConfig, and the few facts about the process (rank, device) it needs.
+
+Method (method.md 5): sigmoid DPO with beta 0.1 on log-probs summed over answer
+tokens, reference = the same model with LoRA disabled (TRL does this itself for a
+PEFT model when no ref_model is given), LoRA on every linear layer of the language
+model's decoder layers and nowhere else. An optional SFT term on the chosen answer
+is TRL's `loss_type=[..., "sft"]` with `loss_weights=[1, sft_weight]` (TRL 1.16 has
+no `rpo_alpha`). The SFT baseline trains TRL's SFTTrainer on prompt -> chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from torch import nn
+from transformers import TrainerCallback
+
+from mia_dpo.config import ModelConfig, TrainConfig
+from mia_dpo.models.attention import decoder_layers
+
+
+def rank() -> int:
+    """Global rank under torchrun / accelerate launch (both set RANK); 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Each rank of a multi-GPU launch loads its model on its own GPU: 'auto' and
+    'cuda' would put all eight copies on cuda:0."""
+    local = os.environ.get("LOCAL_RANK")
+    multi = world_size() > 1 and local is not None and torch.cuda.is_available()
+    if multi and cfg.device in ("auto", "cuda"):
+        return cfg.model_copy(update={"device": f"cuda:{int(local)}"})
+    return cfg
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Full names of every nn.Linear inside the language model's decoder layers.
+
+    Exact names, not suffixes like "q_proj": a CLIP vision tower has q_proj too, and
+    the projector and lm_head are linear layers outside the decoder layers.
+    """
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(prefix + ".") and isinstance(module, nn.Linear)
+    ]
+    if not targets:
+        raise ValueError(f"{type(model).__name__}: no linear layers under {prefix}")
+    return targets
+
+
+def lora_config(tcfg: TrainConfig, targets: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=tcfg.lora_r,
+        lora_alpha=tcfg.lora_alpha,
+        lora_dropout=tcfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
+
+
+def _switch(value: str) -> bool:
+    return value == "on" or (value == "auto" and torch.cuda.is_available())
+
+
+def training_args(tcfg: TrainConfig, seed: int, output_dir: Path, on_cpu: bool) -> Any:
+    """DPOConfig (method dpo) or SFTConfig (method sft) from the run's train section."""
+    from trl import DPOConfig, SFTConfig
+
+    bf16 = tcfg.bf16 == "on" or (
+        tcfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    common: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        # A model on the CPU: without this, ranks of a CPU torchrun never form a
+        # process group and each trains alone.
+        "use_cpu": on_cpu,
+        "seed": seed,
+        "learning_rate": tcfg.learning_rate,
+        "lr_scheduler_type": tcfg.lr_scheduler,
+        # transformers 5 folded warmup_ratio into warmup_steps: a float in [0, 1) is a ratio.
+        "warmup_steps": tcfg.warmup_ratio if tcfg.warmup_ratio > 0 else 0,
+        "weight_decay": tcfg.weight_decay,
+        "num_train_epochs": tcfg.epochs,
+        "per_device_train_batch_size": tcfg.batch_size,
+        "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,
+        # Cut answers only: the stage checked that every prompt fits (data.check_lengths).
+        "max_length": tcfg.max_length,
+        "bf16": bf16,
+        # The new name: TRL's default for the old one (True) would warn on every run.
+        "activation_checkpointing": _switch(tcfg.gradient_checkpointing),
+        "save_strategy": "steps",
+        "save_steps": tcfg.save_steps,
+        # The local folder is scratch: the store keeps the checkpoints.
+        "save_total_limit": 1,
+        "logging_steps": tcfg.logging_steps,
+        "report_to": [],
+        "disable_tqdm": True,  # worker logs get one line per logging step instead
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+    if tcfg.method == "sft":
+        # Loss on the completion (the chosen answer and its end-of-turn token) only.
+        return SFTConfig(**common, completion_only_loss=True)
+    loss_type, weights = [tcfg.loss_type], None
+    if tcfg.sft_weight > 0:
+        loss_type, weights = [tcfg.loss_type, "sft"], [1.0, tcfg.sft_weight]
+    return DPOConfig(
+        **common,
+        beta=tcfg.beta,
+        loss_type=loss_type,
+        loss_weights=weights,
+        # TRL's default (True) also zeroes LoRA's dropout, silently overriding
+        # train.lora_dropout; at init the LoRA branch is zero anyway, so policy and
+        # reference still agree exactly.
+        disable_dropout=False,
+    )
+
+
+def make_trainer(
+    lm: Any, dataset: Any, args: Any, peft_config: LoraConfig, callbacks: list[TrainerCallback]
+) -> Any:
+    from transformers import PrinterCallback
+    from trl import DPOTrainer, SFTTrainer
+
+    cls = SFTTrainer if type(args).__name__ == "SFTConfig" else DPOTrainer
+    trainer = cls(
+        model=lm.model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=lm.processor,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # LogToStage says it in one line
+    return trainer
+
+
+class LogToStage(TrainerCallback):
+    """One log line per logging step, in the worker's log."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.log.info(
+                "train step %d/%d: loss %.4f lr %.3g",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", float("nan")),
+            )
