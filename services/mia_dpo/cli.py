@@ -83,6 +83,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage_task(args: argparse.Namespace) -> int:
+    from mia_dpo.runtime.store import open_store
+    from mia_dpo.runtime.worker import run_task_directly
+
+    cfg = load_config(args.config)
+    run_id = _run_id(args.run_id, cfg)
+    done = not run_task_directly(cfg, run_id, args.stage, args.shard, open_store(cfg.store))
+    print(f"{args.stage} shard {args.shard}: {'already done' if done else 'done'}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mia_dpo.status import format_status, run_status
 
@@ -206,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--run-id", help="run to work on (or MIA_DPO_RUN_ID)")
     w.add_argument("--config", help="config YAML for connections (environment overrides it)")
     w.set_defaults(fn=cmd_worker)
+
+    st = sub.add_parser(
+        "stage-task",
+        help="run one task of a stage without the queue (every rank of torchrun / accelerate)",
+    )
+    st.add_argument("--stage", required=True, choices=STAGE_ORDER)
+    st.add_argument("--run-id", required=True)
+    st.add_argument("--shard", type=int, default=0)
+    st.add_argument("--config", help="config YAML for connections")
+    st.set_defaults(fn=cmd_stage_task)
 
     s = sub.add_parser("status", help="shards done / pending / dead-lettered, drops by reason")
     s.add_argument("run_id", metavar="RUN_ID")

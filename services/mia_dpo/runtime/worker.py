@@ -161,6 +161,26 @@ class Worker:
                 raise
 
 
+def run_task_directly(cfg: RunConfig, run_id: str, stage: str, shard: int, store: Store) -> bool:
+    """Run one task without the queue: how a multi-process launch (torchrun,
+    accelerate) trains, since every rank must run the same task. Every rank runs
+    it; rank 0 alone writes the marker. Returns False when it was already done."""
+    import os
+
+    marker = layout.marker_key(run_id, stage, shard)
+    if store.exists(marker):
+        return False
+    ctx = StageContext(
+        store=store, blobs=BlobReader(cfg.store), config=load_run_config(store, run_id, cfg)
+    )
+    t0 = time.monotonic()
+    stats = get_stage(stage)(Task.make(run_id, stage, shard), ctx)
+    stats.seconds = round(time.monotonic() - t0, 4)
+    if int(os.environ.get("RANK", "0")) == 0:
+        store.put_text(marker, stats.model_dump_json())
+    return True
+
+
 class GracefulExit(BaseException):
     """Raised by the second SIGTERM to abandon the current task (it is released)."""
 

@@ -5,11 +5,14 @@ One GPU (a worker claims the run's single train task):
 
     mia-dpo worker --stage train --run-id R --config run.yaml
 
-Several GPUs on one node (DDP; every rank runs the same task, rank 0 alone writes
-to the store, every rank resumes from the same stored checkpoint):
+Several GPUs on one node (DDP; every rank runs the same task without the queue,
+rank 0 alone writes to the store and the marker, every rank resumes from the same
+stored checkpoint; the controller, with launcher.kind external, waits for the marker):
 
-    accelerate launch --num_processes 8 -m mia_dpo worker --stage train --run-id R --config run.yaml
-    torchrun --nproc_per_node 8 -m mia_dpo worker --stage train --run-id R --config run.yaml
+    torchrun --nproc_per_node 8 -m mia_dpo stage-task --stage train --run-id R \
+        --config run.yaml
+    accelerate launch --num_processes 8 -m mia_dpo stage-task --stage train --run-id R \
+        --config run.yaml
 
 CPU (the tiny test model; bf16 and gradient checkpointing stay off under 'auto'):
 
