@@ -1,5 +1,7 @@
-"""augment -> generate -> score -> select on the tiny model: embedded default vs a real
-redis-server + S3 server with 2 worker processes per stage give the same pairs."""
+"""The whole pipeline on the tiny model, augment -> ... -> train -> evaluate: the embedded
+default vs a real redis-server + S3 server with 2 worker processes per stage (local
+launcher) give the same pairs, and the distributed run leaves its adapter and its
+evaluation report in the bucket."""
 
 from __future__ import annotations
 
@@ -20,16 +22,19 @@ from mia_dpo.runtime.store import LocalStore, S3Store
 
 pytestmark = pytest.mark.integration
 
-N = 24
+N = 32
 COMMON = {
     "seed": 5,
-    "stages": ["augment", "generate", "score", "select"],
+    "stages": ["augment", "generate", "score", "select", "train", "evaluate"],
     # small collages: the tiny model sees 64 px anyway
     "augment": {"grid_tile_px": 64, "grid_margin_px": 16, "grid_label_font_px": 12},
     "generate": {"max_new_tokens": 6, "batch_size": 3},
     "score": {"batch_size": 3},
     "select": {"min_pairs_for_fences": 4},
-}
+    "train": {"lora_r": 4, "lora_alpha": 8, "batch_size": 4, "gradient_accumulation_steps": 1,
+              "max_length": 1024, "learning_rate": 1.0e-3},
+    "evaluate": {"max_new_tokens": 4, "formats": ["sequence", "grid"]},
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +44,12 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def pair_fields(rows: list[str]) -> list[dict]:
-    """Pairs without image locations (local path vs s3:// URI)."""
+def pair_fields(rows: list[str], key: str = "image") -> list[dict]:
+    """Records without image locations (local path vs s3:// URI)."""
     out = []
     for line in rows:
         rec = json.loads(line)
-        rec["image"] = [Path(u).name for u in rec["image"]]
+        rec[key] = [Path(u).name for u in rec[key]]
         out.append(rec)
     return out
 
@@ -52,7 +57,7 @@ def pair_fields(rows: list[str]) -> list[dict]:
 def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_bucket, redis_url):
     base = {**COMMON, "model": {"path": str(tiny_model_dir)}}
     base["input"] = {"path": str(source / "data.json"), "image_root": str(source / "images"),
-                     "shard_size": 8}  # fmt: skip
+                     "shard_size": 8, "holdout_fraction": 0.2}  # fmt: skip
 
     # embedded default: in-process queue, worker threads, local store
     emb = {**base, "store": {"backend": "local", "root": str(tmp_path / "emb")},
@@ -62,10 +67,10 @@ def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_b
     cfg = load_config(emb_path, environ={})
     store = LocalStore(cfg.store.root)
     outcomes = Controller(cfg, "pairs", store, MemoryQueue(cfg.queue), progress=False).run()
-    assert [o.stage for o in outcomes] == ["augment", "generate", "score", "select"]
+    assert [o.stage for o in outcomes] == COMMON["stages"]
     scored = outcomes[2].stats
-    augmented = outcomes[0].stats.kept  # a 9-image grid can lack distractors among 24
-    assert augmented >= N - 3
+    augmented = outcomes[0].stats.kept  # 20 % held out; a 9-image grid can lack distractors
+    assert 0.5 * N <= augmented < N
     assert scored.total == augmented  # one greedy response per sample
     assert scored.kept + sum(scored.dropped.values()) == augmented
     embedded = store.get_jsonl("runs/pairs/select/pairs.jsonl")
@@ -92,6 +97,17 @@ def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_b
     distributed = s3.get_jsonl("runs/pairs/select/pairs.jsonl")
     assert pair_fields(distributed) == pair_fields(embedded)
     assert "select: kept" in proc.stdout
+    # training and evaluation ran in worker processes and left their outputs in the bucket
+    assert s3.exists("runs/pairs/train/adapter/adapter_config.json")
+    assert s3.exists("runs/pairs/train/metadata.json")
+    dist_report = s3.get_json("runs/pairs/evaluate/report.json")
+    emb_report = store.get_json("runs/pairs/evaluate/report.json")
+    items = "runs/pairs/evaluate/items.jsonl"  # the same benchmark, wherever its images live
+    assert pair_fields(s3.get_jsonl(items), "images") == pair_fields(
+        store.get_jsonl(items), "images"
+    )
+    assert set(dist_report["models"]) == {"base", "adapted"}
+    assert dist_report["models"]["base"] == emb_report["models"]["base"]
     # the TRL file has one example per pair, each with its images
     trl = [json.loads(x) for x in s3.get_jsonl("runs/pairs/select/pairs.trl.jsonl")]
     assert len(trl) == len(distributed)
