@@ -45,11 +45,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check services tests bench
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/mia-dpo synth --out .demo/source --n 240 --seed 0
-	test -f .demo/tiny/config.json || $(VENV)/bin/mia-dpo tiny-model --out .demo/tiny --seed 0
+	$(VENV)/bin/mia-dpo synth --out .demo/source --n 1200 --seed 0
+	$(VENV)/bin/mia-dpo base-model --out .demo/base --seed 0
 	$(VENV)/bin/mia-dpo run configs/demo.yaml --run-id demo
+	$(VENV)/bin/mia-dpo report --run-id demo --config configs/demo.yaml --out .demo/report.html
 	$(VENV)/bin/mia-dpo contact-sheet --run-id demo --config configs/demo.yaml --out .demo/contact-sheet.png
 	$(VENV)/bin/mia-dpo status demo --config configs/demo.yaml
+	cat .demo/store/runs/demo/evaluate/report.md
 
 bench: $(VENV)/.installed
 	$(PY) bench/augment.py

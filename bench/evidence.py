@@ -44,8 +44,8 @@ RECIPE: dict[str, Any] = {
     "score.batch_size": 16,
     "train.lora_r": 16,
     "train.lora_alpha": 32,
-    "train.learning_rate": 5e-4,
-    "train.epochs": 2,
+    "train.learning_rate": 1e-4,
+    "train.epochs": 1,
     "train.batch_size": 8,
     "train.gradient_accumulation_steps": 1,
     "train.max_length": 1024,
@@ -61,7 +61,9 @@ VARIANTS = {
 SHARED_STAGES = ("plan", "augment", "generate", "score")
 
 
-def run_variant(store: LocalStore, src: Path, base: Path, seed: int, name: str, first: str | None) -> dict:
+def run_variant(
+    store: LocalStore, src: Path, base: Path, seed: int, name: str, first: str | None
+) -> dict:
     overrides = {
         **RECIPE, **VARIANTS[name], "seed": seed, "model.path": str(base),
         "input.path": str(src / "data.json"), "input.image_root": str(src / "images"),
@@ -72,8 +74,13 @@ def run_variant(store: LocalStore, src: Path, base: Path, seed: int, name: str, 
     if first is not None:  # reuse the first variant's augment/generate/score outputs
         for stage in SHARED_STAGES:
             src_dir = store.root / layout.stage_prefix(first, stage)
-            shutil.copytree(src_dir, store.root / layout.stage_prefix(run_id, stage), dirs_exist_ok=True)
-        store.put_json(layout.config_key(run_id), cfg.model_copy(update={"run_id": run_id}).model_dump(mode="json"))
+            shutil.copytree(
+                src_dir, store.root / layout.stage_prefix(run_id, stage), dirs_exist_ok=True
+            )
+        store.put_json(
+            layout.config_key(run_id),
+            cfg.model_copy(update={"run_id": run_id}).model_dump(mode="json"),
+        )
     t0 = time.perf_counter()
     Controller(cfg, run_id, store, MemoryQueue(cfg.queue), progress=False).run()
     report = store.get_json(layout.stage_prefix(run_id, "evaluate") + "report.json")
