@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mia_dpo.data.source import decode_image, parse_sample
+from mia_dpo.data.source import parse_sample
 from mia_dpo.errors import NotFound, SampleError, UserError
 from mia_dpo.evaluation import (
     EvalItem,
@@ -41,7 +41,7 @@ from mia_dpo.runtime.store import Store
 from mia_dpo.stages.augment.prompts import IMAGE_TAG, strip_image_tag
 from mia_dpo.stages.augment.stage import ImageLoader, augment_sample
 from mia_dpo.stages.base import DropLog, StageContext
-from mia_dpo.stages.model_inputs import MODEL_USE_LOCK, cached_model
+from mia_dpo.stages.model_inputs import MODEL_USE_LOCK, cached_model, read_images
 
 __all__ = [
     "EvalItem",
@@ -156,17 +156,9 @@ def read_items(store: Store, run_id: str) -> list[EvalItem]:
 def blob_images(ctx: StageContext) -> ImagesLoader:
     """Decoded RGB images of an item, read where its record points. No noise: the
     generation-time perturbation provokes confusion, evaluation must not."""
-    max_px = ctx.config.input.max_image_pixels
 
     def load(item: EvalItem) -> list[Image.Image]:
-        out = []
-        for uri in item.images:
-            try:
-                data = ctx.blobs.read(uri)
-            except NotFound:
-                raise SampleError("image_missing", f"{item.id}: {uri} not found") from None
-            out.append(decode_image(data, uri, max_px, 1))
-        return out
+        return read_images(ctx, item.images, item.id)
 
     return load
 

@@ -66,19 +66,25 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
+def read_images(ctx: StageContext, uris: list[str], label: str) -> list[Image.Image]:
+    """Decoded RGB images where a record points; SampleError naming `label` if one is gone.
+    They were checked once when made; the pixel limit only guards against a store
+    edited behind our back."""
+    images = []
+    for uri in uris:
+        try:
+            data = ctx.blobs.read(uri)
+        except NotFound:
+            raise SampleError("image_missing", f"{label}: {uri} not found") from None
+        images.append(decode_image(data, uri, ctx.config.input.max_image_pixels, 1))
+    return images
+
+
 def load_images(ctx: StageContext, sample: AugmentedSample, lm: Any = None) -> list[Image.Image]:
     """The sample's images as the model gets them: RGB, noised if configured, padded
     to a square if configured (with `lm`'s mean colour); SampleError if one is gone."""
     cfg: RunConfig = ctx.config
-    images = []
-    for uri in sample.images:
-        try:
-            data = ctx.blobs.read(uri)
-        except NotFound:
-            raise SampleError("image_missing", f"{sample.sample_id}: {uri} not found") from None
-        # Augmented images were checked once already; the pixel limit here only
-        # guards against a store edited behind our back.
-        images.append(decode_image(data, uri, cfg.input.max_image_pixels, 1))
+    images = read_images(ctx, sample.images, sample.sample_id)
     # Noise first: its target box is in the composed image's own coordinates.
     images = noised(sample, images, cfg.generate, cfg.seed)
     if lm is not None and cfg.model.pad_to_square:
