@@ -42,7 +42,7 @@ def test_defaults_are_the_papers_constants() -> None:
     assert cfg.queue.backend == "memory"
     assert cfg.launcher.kind == "inline"
     assert cfg.store.backend == "local"
-    assert cfg.stages == ["augment", "generate", "score", "select"]
+    assert cfg.stages == ["augment", "generate", "score", "select", "train", "evaluate"]
     assert cfg.seed == 0
     # method.md 2-4
     assert cfg.generate.max_new_tokens == 512 and cfg.generate.temperature == 0.0
@@ -57,6 +57,16 @@ def test_defaults_are_the_papers_constants() -> None:
     assert cfg.select.iqr_multiplier == 1.5
     assert cfg.select.metrics == ["ppl", "length_ratio", "edit_distance"]
     assert cfg.model.allow_pickle is False and cfg.model.trust_remote_code is False
+    # method.md 5
+    t = cfg.train
+    assert (t.method, t.loss_type, t.beta, t.sft_weight) == ("dpo", "sigmoid", 0.1, 0.0)
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout) == (128, 256, 0.05)
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.weight_decay) == (
+        5e-5, "linear", 0.1, 0.0,
+    )  # fmt: skip
+    assert (t.epochs, t.batch_size, t.gradient_accumulation_steps, t.max_length) == (
+        1.0, 1, 8, 4096,
+    )  # fmt: skip
 
 
 def _fields(model: type[BaseModel], where: str = "") -> list[tuple[str, Any]]:
@@ -129,7 +139,10 @@ def test_unknown_key(tmp_path: Path, data: dict, field: str) -> None:
         ({"augment": {"formats": {"collage": 1}}}, ["augment.formats"]),
         ({"augment": {"pip_phrasings": ["no placeholder"]}}, ["pip_phrasings", "{question}"]),
         ({"queue": {"lease_seconds": 0}}, ["queue.lease_seconds"]),
-        ({"launcher": {"workers": {"train": 2}}}, ["launcher", "workers", "train"]),
+        ({"launcher": {"workers": {"deploy": 2}}}, ["launcher", "workers", "deploy"]),
+        ({"train": {"beta": 0}}, ["train.beta"]),
+        ({"train": {"method": "ppo"}}, ["train.method"]),
+        ({"input": {"holdout_fraction": 1.0}}, ["input.holdout_fraction"]),
         ({"seed": -1}, ["seed"]),
         ({"store": {"backend": "gcs"}}, ["store.backend"]),
         ({"input": "data.json"}, ["input"]),
@@ -255,7 +268,7 @@ def test_stage_params_exclude_connections() -> None:
         launcher={"kind": "external", "default_workers": 8},
     )
     assert set(a.stage_params()) == {
-        "seed", "input", "augment", "model", "generate", "score", "select",
+        "seed", "input", "augment", "model", "generate", "score", "select", "train", "evaluate",
     }  # fmt: skip
     assert RunConfig(generate={"batch_size": 64}).stage_params() == RunConfig().stage_params()
     assert RunConfig(score={"layer": 3}).stage_params() != RunConfig().stage_params()
