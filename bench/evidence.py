@@ -89,8 +89,7 @@ def run_variant(
 
 def cells_of(report: dict, model: str) -> dict[str, float]:
     """{cell: accuracy} of one model in an EvalReport JSON."""
-    cells = report["models"][model]["cells"]
-    return {name: c["accuracy"] for name, c in cells.items()}
+    return {name: c["accuracy"] for name, c in report["models"][model].items()}
 
 
 def main() -> None:
@@ -128,7 +127,7 @@ def main() -> None:
             spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
             row.append(f"{statistics.mean(vals):.3f} ± {spread:.3f}")
         lines.append(f"| {name} | {' | '.join(row)} |")
-    n_items = runs[0]["report"]["models"]["base"]["cells"]
+    n_items = runs[0]["report"]["models"]["base"]
     table = "\n".join(lines)
     header = (
         f"Seeds {args.seeds}; {args.n} synthetic samples, 20 % held out; accuracy (exact match), "
