@@ -20,6 +20,7 @@ from mia_dpo.config import GenerateConfig, RunConfig
 from mia_dpo.data.source import decode_image
 from mia_dpo.errors import NotFound, SampleError
 from mia_dpo.records import AugmentedSample
+from mia_dpo.runtime.store import BlobReader
 from mia_dpo.stages.base import StageContext
 
 
@@ -66,18 +67,24 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
-def read_images(ctx: StageContext, uris: list[str], label: str) -> list[Image.Image]:
+def decode_uris(
+    blobs: BlobReader, uris: list[str], max_pixels: int, label: str
+) -> list[Image.Image]:
     """Decoded RGB images where a record points; SampleError naming `label` if one is gone.
     They were checked once when made; the pixel limit only guards against a store
     edited behind our back."""
     images = []
     for uri in uris:
         try:
-            data = ctx.blobs.read(uri)
+            data = blobs.read(uri)
         except NotFound:
             raise SampleError("image_missing", f"{label}: {uri} not found") from None
-        images.append(decode_image(data, uri, ctx.config.input.max_image_pixels, 1))
+        images.append(decode_image(data, uri, max_pixels, 1))
     return images
+
+
+def read_images(ctx: StageContext, uris: list[str], label: str) -> list[Image.Image]:
+    return decode_uris(ctx.blobs, uris, ctx.config.input.max_image_pixels, label)
 
 
 def load_images(ctx: StageContext, sample: AugmentedSample, lm: Any = None) -> list[Image.Image]:

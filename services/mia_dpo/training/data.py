@@ -18,11 +18,10 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from mia_dpo.data.source import decode_image
-from mia_dpo.errors import NotFound, SampleError, UserError
+from mia_dpo.errors import SampleError, UserError
 from mia_dpo.runtime.store import BlobReader
 from mia_dpo.stages.base import DropLog
-from mia_dpo.stages.model_inputs import pad_to_square
+from mia_dpo.stages.model_inputs import decode_uris, pad_to_square
 
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -37,15 +36,10 @@ class ImageLoader:
     fill: tuple[int, int, int] | None
 
     def __call__(self, uris: list[str]) -> list[Image.Image]:
-        images = []
-        for uri in uris:
-            try:
-                data = self.blobs.read(uri)
-            except NotFound:
-                raise SampleError("image_missing", f"{uri} not found") from None
-            img = decode_image(data, uri, self.max_pixels, 1)
-            images.append(pad_to_square(img, self.fill) if self.fill is not None else img)
-        return images
+        images = decode_uris(self.blobs, uris, self.max_pixels, "pair")
+        if self.fill is None:
+            return images
+        return [pad_to_square(img, self.fill) for img in images]
 
 
 def _image_parts(messages: list[dict[str, Any]]) -> int:
