@@ -189,3 +189,19 @@ def test_rerun_with_changed_seed_is_refused(done_run: Path, tmp_path: Path) -> N
     assert f"run {RUN_ID!r} already exists with different seed settings" in line
     # the refused rerun did not touch the finished run
     assert "(already done)" in mia("run", done_run, "--run-id", RUN_ID, "-q").stdout
+
+
+def test_evaluate_without_holdout_is_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "eval.yaml",
+        {"stages": ["augment", "generate", "score", "select", "train", "evaluate"],
+         "model": {"path": str(tmp_path / "model")},
+         "input": {"path": str(tmp_path / "data.json")},
+         "store": {"backend": "local", "root": str(tmp_path / "store")}},
+    )  # fmt: skip
+    proc = mia("run", str(cfg), "--run-id", "noeval")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("mia-dpo: error: input.holdout_fraction:")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "store" / "runs" / "noeval").exists()  # nothing was written

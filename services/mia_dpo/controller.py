@@ -192,6 +192,11 @@ class Controller:
                 f"model.path: the {model_stages[0]} stage needs a model "
                 "(a local directory, e.g. from `mia-dpo tiny-model`, or a hub id)"
             )
+        if "evaluate" in self.cfg.stages and self.cfg.input.holdout_fraction <= 0:
+            raise UserError(
+                "input.holdout_fraction: the evaluate stage needs held-out source samples "
+                "(e.g. 0.1); with 0 there is nothing to evaluate on"
+            )
         plan = plan_run(self.store, BlobReader(self.cfg.store), self.cfg, self.run_id)
         store_run_config(self.store, self.cfg, self.run_id)
         log.info("run %s: %d samples in %d shards", self.run_id, plan.n_records, plan.n_shards)
