@@ -36,6 +36,14 @@ def _connections(cfg: RunConfig):  # type: ignore[no-untyped-def]
     return open_store(cfg.store), open_queue(cfg.queue)
 
 
+def _open_run(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Config, run id, store and queue of a command that looks at an existing run."""
+    cfg = load_config(args.config)
+    run_id = _run_id(args.run_id, cfg)
+    store, queue = _connections(cfg)
+    return cfg, run_id, store, queue
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mia_dpo.controller import Controller
 
@@ -97,9 +105,7 @@ def cmd_stage_task(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from mia_dpo.status import format_status, run_status
 
-    cfg = load_config(args.config)
-    run_id = _run_id(args.run_id, cfg)
-    store, queue = _connections(cfg)
+    cfg, run_id, store, queue = _open_run(args)
     st = run_status(store, queue if cfg.queue.backend == "redis" else None, run_id)
     print(st.model_dump_json(indent=1) if args.json else format_status(st))
     return 0
@@ -181,9 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mia_dpo.report_html import write_report
     from mia_dpo.runtime.store import BlobReader
 
-    cfg = load_config(args.config)
-    run_id = _run_id(args.run_id, cfg)
-    store, _ = _connections(cfg)
+    cfg, run_id, store, _ = _open_run(args)
     path = write_report(store, BlobReader(cfg.store), run_id, Path(args.out))
     print(f"report -> {path}")
     return 0
@@ -192,9 +196,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_contact_sheet(args: argparse.Namespace) -> int:
     from mia_dpo.report import contact_sheet
 
-    cfg = load_config(args.config)
-    run_id = _run_id(args.run_id, cfg)
-    store, _ = _connections(cfg)
+    cfg, run_id, store, _ = _open_run(args)
     path = contact_sheet(store, cfg, run_id, Path(args.out), per_format=args.per_format)
     print(f"contact sheet -> {path}")
     return 0
