@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==$(TORCH_VERSION)
 	$(PIP) install -e '.[model,kubernetes,dev]'
+	$(PY) tools/get_helm.py --dest $(VENV)/bin
 	touch $@
 
 # Real servers for the integration tests: redis-server from Debian; SeaweedFS's
@@ -41,8 +42,8 @@ test: $(VENV)/.installed deps-servers
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check services tests bench tools
+	$(VENV)/bin/ruff format --check services tests bench tools
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/mia-dpo synth --out .demo/source --n 1200 --seed 0

@@ -120,13 +120,50 @@ class QueueConfig(Section):
         return self
 
 
+class KubernetesLauncherConfig(Section):
+    namespace: str | None = Field(
+        default=None,
+        description=(
+            "Namespace of the stage Jobs; null: the controller pod's own namespace "
+            "(its service-account token folder), else 'default'."
+        ),
+    )
+    job_templates: str = Field(
+        default="/etc/mia-dpo/jobs",
+        description=(
+            "Folder holding one batch/v1 Job manifest per stage, `<stage>.yaml` (the Helm "
+            "chart mounts them from its ConfigMap)."
+        ),
+    )
+    cleanup: Literal["on_success", "always", "never"] = Field(
+        default="on_success",
+        description=(
+            "Delete a stage's Job (and its pods) when the stage ends: only if it succeeded "
+            "(failed ones stay for `kubectl logs`), always, or never."
+        ),
+    )
+    poll_seconds: float = Field(
+        default=2.0, gt=0, description="Seconds between reads of a stage Job's status."
+    )
+    drain_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="After a stage closes, how long to wait for its Job to finish (s).",
+    )
+
+
 class LauncherConfig(Section):
-    kind: Literal["inline", "local", "external"] = Field(
+    kind: Literal["inline", "local", "external", "kubernetes"] = Field(
         default="inline",
         description=(
             "inline: worker threads inside the controller (embedded default); local: worker "
-            "subprocesses; external: workers started by someone else (Compose, Kubernetes)."
+            "subprocesses; external: workers started by someone else (Compose); kubernetes: "
+            "one Job per stage, created from a template by the controller."
         ),
+    )
+    kubernetes: KubernetesLauncherConfig = Field(
+        default_factory=KubernetesLauncherConfig,
+        description="kubernetes launcher: where the stage Job templates are and what to clean.",
     )
     workers: dict[str, int] = Field(
         default_factory=dict, description="Workers per stage, e.g. {augment: 4}; default 1."
