@@ -69,6 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# A worker stopped by SIGTERM/SIGINT before its stage was drained (EX_TEMPFAIL): its
+# task was finished or released, nothing failed; the chart's podFailurePolicy ignores it.
+EXIT_STOPPED = 75
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from mia_dpo.runtime.worker import GracefulExit, Worker, install_signal_handlers
 
@@ -88,7 +93,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except GracefulExit:
         log.warning("second signal: current task released")
     log.info("worker %s exiting after %d shards", worker.consumer, worker.processed)
-    return 0
+    # 0 tells Kubernetes (work-queue Jobs) and Compose that the stage is drained;
+    # a worker stopped by a signal must not say so, or the Job would count a
+    # drained node's pod as the stage's success and start no replacement.
+    return EXIT_STOPPED if stop.is_set() else 0
 
 
 def cmd_stage_task(args: argparse.Namespace) -> int:

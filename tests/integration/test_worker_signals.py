@@ -1,6 +1,6 @@
-"""SIGTERM as a node drain sends it: the first finishes the current task and exits 0,
-a second releases the task uncounted. Real redis-server, worker subprocesses
-started by hand as an external launcher (Compose, Kubernetes) would."""
+"""SIGTERM as a node drain sends it: the first finishes the current task and exits 75
+(stopped, not drained), a second releases the task uncounted. Real redis-server, worker
+subprocesses started by hand as an external launcher (Compose, Kubernetes) would."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import redis
 import yaml
 
+from mia_dpo.cli import EXIT_STOPPED
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller
 from mia_dpo.data.synthetic import write_synthetic
@@ -75,7 +76,7 @@ def wait_for_lease(r: redis.Redis, stream: str, pid: int) -> str:
     raise AssertionError("worker never claimed a task")
 
 
-def test_first_sigterm_finishes_the_task_then_exits_zero(tmp_path, redis_url):
+def test_first_sigterm_finishes_the_task_then_exits_stopped(tmp_path, redis_url):
     cfg, ctl, thread = setup_run(tmp_path, redis_url, "drain")
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     stream = "mia-dpo:drain:augment:stream"
@@ -85,7 +86,7 @@ def test_first_sigterm_finishes_the_task_then_exits_zero(tmp_path, redis_url):
     assert not ctl.store.exists(layout.marker_key("drain", "augment", shard))
     w.send_signal(signal.SIGTERM)
     _, err = w.communicate(timeout=120)
-    assert w.returncode == 0, err[-2000:]
+    assert w.returncode == EXIT_STOPPED, err[-2000:]
     # the task it held was finished and acked, and it took no other
     assert ctl.store.exists(layout.marker_key("drain", "augment", shard))
     done = [k for k in ctl.store.list("runs/drain/augment/") if k.endswith(".done")]
@@ -111,7 +112,7 @@ def test_second_sigterm_releases_the_task_uncounted(tmp_path, redis_url):
     time.sleep(0.05)
     os.kill(w.pid, signal.SIGTERM)
     _, err = w.communicate(timeout=60)
-    assert w.returncode == 0, err[-2000:]
+    assert w.returncode == EXIT_STOPPED, err[-2000:]
     assert not ctl.store.exists(layout.marker_key("hard", "augment", int(task_id[-5:])))
     counts = ctl.queue.counts("hard", "augment")
     assert (counts.queued, counts.leased) == (5, 0)  # back in the queue, not leased
