@@ -150,6 +150,11 @@ class KubernetesLauncherConfig(Section):
         gt=0,
         description="After a stage closes, how long to wait for its Job to finish (s).",
     )
+    api_retry_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Keep polling through API server outages (5xx, refused) this long (s).",
+    )
 
 
 class LauncherConfig(Section):

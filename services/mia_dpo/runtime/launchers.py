@@ -3,7 +3,8 @@
 - inline: worker threads in the controller process (the embedded default, with
   the in-process queue);
 - local: `mia-dpo worker` subprocesses on this machine, restarted if they crash;
-- external: someone else runs the workers (Docker Compose, a Kubernetes Job).
+- external: someone else runs the workers (Docker Compose);
+- kubernetes: one Job per stage from the chart's template (k8s_launcher.py).
 """
 
 from __future__ import annotations
@@ -167,4 +168,8 @@ def make_launcher(cfg: RunConfig, store: Store, queue: Queue) -> Launcher:
         return InlineLauncher(cfg, store, queue)
     if cfg.launcher.kind == "local":
         return LocalLauncher(cfg)
+    if cfg.launcher.kind == "kubernetes":
+        from mia_dpo.runtime.k8s_launcher import KubernetesLauncher
+
+        return KubernetesLauncher(cfg)
     return ExternalLauncher()
