@@ -197,6 +197,7 @@ class Controller:
                 "input.holdout_fraction: the evaluate stage needs held-out source samples "
                 "(e.g. 0.1); with 0 there is nothing to evaluate on"
             )
+        self.launcher.preflight(list(self.cfg.stages))
         plan = plan_run(self.store, BlobReader(self.cfg.store), self.cfg, self.run_id)
         store_run_config(self.store, self.cfg, self.run_id)
         log.info("run %s: %d samples in %d shards", self.run_id, plan.n_records, plan.n_shards)

@@ -39,6 +39,8 @@ class KubeEmulator:
         self._stop = asyncio.Event()
         async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
             self.handler, self.url = handler, str(server.url).rstrip("/")
+            # Known before any object exists, as on a real server (else: 404 on list).
+            handler.resources["batch/v1/jobs"] = {"namespaced": True, "kind": "Job"}
             self._ready.set()
             await self._stop.wait()
 

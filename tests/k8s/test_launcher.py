@@ -284,3 +284,27 @@ def test_pod_failure_policy_exit_codes(api: Any, tmp_path: Path) -> None:
         job = wait_finished(launcher, api, "t-augment")
         assert job.status.conditions[0].type == "Complete"
         assert (job.status.succeeded, job.status.failed or 0) == (1, 0)
+
+
+def test_preflight_names_a_missing_template_before_any_work(api: Any, tmp_path: Path) -> None:
+    write_template(tmp_path, "augment", job_manifest("t-augment", ["true"]))
+    launcher = KubernetesLauncher(make_cfg(tmp_path), api=api, namespace=NS)
+    launcher.preflight(["augment"])
+    with pytest.raises(LaunchError, match=r"generate\.yaml: no Job template for stage generate"):
+        launcher.preflight(["augment", "generate"])
+    assert api.list_namespaced_job(NS).items == []
+
+
+def test_preflight_reports_a_role_that_refuses(tmp_path: Path) -> None:
+    import kmock
+
+    write_template(tmp_path, "augment", job_manifest("t-augment", ["true"]))
+    emulator = KubeEmulator()  # its own: the refusal below stays for its lifetime
+    try:
+        forbidden = kmock.KubernetesError(status=403, reason="Forbidden", message="forbidden")
+        emulator.handler["list", kmock.resource("batch/v1/jobs")] << forbidden
+        launcher = KubernetesLauncher(make_cfg(tmp_path), api=emulator.batch(), namespace=NS)
+        with pytest.raises(LaunchError, match=r"list Job in namespace mia refused \(403"):
+            launcher.preflight(["augment"])
+    finally:
+        emulator.close()

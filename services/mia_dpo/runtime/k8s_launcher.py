@@ -159,6 +159,15 @@ class KubernetesLauncher(Launcher):
                 return None
             raise
 
+    def preflight(self, stages: list[str]) -> None:
+        """Every stage's template readable and the API answering, before any work:
+        a missing template or a Role without `list jobs` fails in the first second."""
+        for stage in stages:
+            load_job_template(Path(self.kcfg.job_templates) / f"{stage}.yaml", stage)
+        self._call(lambda: self.api.list_namespaced_job(self.namespace, limit=1), "list")
+        log.info("kubernetes launcher: namespace %s, templates %s",
+                 self.namespace, self.kcfg.job_templates)  # fmt: skip
+
     def start(self, run_id: str, stage: str, n: int) -> None:
         path = Path(self.kcfg.job_templates) / f"{stage}.yaml"
         job = render_job(load_job_template(path, stage), run_id, stage, n, self._owner())

@@ -36,6 +36,9 @@ class Launcher(ABC):
     @abstractmethod
     def start(self, run_id: str, stage: str, n: int) -> None: ...
 
+    def preflight(self, stages: list[str]) -> None:  # noqa: B027 - optional hook
+        """Called once before any work: raise LaunchError if a stage could not be launched."""
+
     def check(self) -> None:  # noqa: B027 - optional hook, most launchers need nothing
         """Called while waiting: keep workers alive, raise LaunchError when it cannot."""
 
