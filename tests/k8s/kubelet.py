@@ -238,18 +238,28 @@ class KubeletStandIn:
         volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
         mounts: dict[str, str] = {}
         for m in pod_spec["containers"][0].get("volumeMounts") or []:
-            vol = volumes[m["name"]]
             local = pod_dir / "volumes" / m["name"]
-            if "configMap" in vol and not local.exists():
-                data = self.configmaps[vol["configMap"]["name"]].get("data") or {}
-                items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
-                for item in items:
-                    target = local / item["path"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(data[item["key"]], encoding="utf-8")
             local.mkdir(parents=True, exist_ok=True)
             path = local / m["subPath"] if m.get("subPath") else local
             mounts[m["mountPath"].rstrip("/") or "/"] = str(path)
+        cm_mounts = {
+            m["mountPath"].rstrip("/"): mounts[m["mountPath"].rstrip("/")]
+            for m in pod_spec["containers"][0].get("volumeMounts") or []
+            if "configMap" in volumes[m["name"]]
+        }
+        for name in {m["name"] for m in pod_spec["containers"][0].get("volumeMounts") or []}:
+            vol = volumes[name]
+            if "configMap" not in vol:
+                continue
+            data = self.configmaps[vol["configMap"]["name"]].get("data") or {}
+            items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                target = pod_dir / "volumes" / name / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # The one liberty taken: configMap mount paths named inside these
+                # files (the run config's job_templates) point at the local folders.
+                text = rewrite_paths(data[item["key"]], cm_mounts)
+                target.write_text(text, encoding="utf-8")
         return mounts
 
     def _env_value(
@@ -314,4 +324,10 @@ def expand(text: str, env: dict[str, str], mounts: dict[str, str]) -> str:
     for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
         if text == mount or text.startswith(mount + "/"):
             return local + text[len(mount) :]
+    return text
+
+
+def rewrite_paths(text: str, mounts: dict[str, str]) -> str:
+    for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        text = re.sub(re.escape(mount) + r"(?=[/\s\"']|$)", local, text, flags=re.M)
     return text

@@ -99,6 +99,18 @@ def test_render_fills_in_run_labels_parallelism_and_owner() -> None:
     assert owner["blockOwnerDeletion"] is False
 
 
+def test_render_gives_the_client_quantities_as_strings() -> None:
+    tpl = job_manifest("t-generate", ["mia-dpo"])
+    tpl["spec"]["template"]["spec"]["containers"][0]["resources"] = {
+        "limits": {"nvidia.com/gpu": 1, "memory": "4Gi"},
+        "requests": {"cpu": 0.5},
+    }
+    job = render_job(tpl, "r1", "generate", 1, None)
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"limits": {"nvidia.com/gpu": "1", "memory": "4Gi"},
+                         "requests": {"cpu": "0.5"}}  # fmt: skip
+
+
 def test_render_leaves_an_indexed_job_its_shape() -> None:
     tpl = job_manifest("t-train", ["torchrun"], completionMode="Indexed", completions=2)
     tpl["spec"]["parallelism"] = 2

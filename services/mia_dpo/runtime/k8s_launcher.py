@@ -80,7 +80,13 @@ def render_job(
     # (multi-node torchrun) have a shape the chart decided.
     if spec.get("completionMode") != "Indexed" and spec.get("completions") is None:
         spec["parallelism"] = workers
-    for container in spec["template"]["spec"]["containers"]:
+    pod = spec["template"]["spec"]
+    for container in pod["containers"] + (pod.get("initContainers") or []):
+        # Kubernetes takes `nvidia.com/gpu: 1`; the Python client wants quantities as strings.
+        for kind in ("limits", "requests"):
+            quantities = (container.get("resources") or {}).get(kind) or {}
+            quantities.update({k: str(v) for k, v in quantities.items()})
+    for container in pod["containers"]:
         env = [e for e in container.get("env") or [] if e.get("name") != "MIA_DPO_RUN_ID"]
         container["env"] = [{"name": "MIA_DPO_RUN_ID", "value": run_id}, *env]
     if owner:
@@ -280,6 +286,9 @@ class KubernetesLauncher(Launcher):
                 msg = f"Kubernetes API: {what} Job failed ({e.status}): {detail}"
                 raise LaunchError(msg) from None
             return self._api_down(what, f"{e.status} {e.reason}")
+        except (ValueError, TypeError) as e:  # the client refused the manifest itself
+            first = str(e).replace("\n", " ")[:300]
+            raise LaunchError(f"{what} Job: the manifest is not valid: {first}") from None
         except (HTTPError, OSError) as e:
             if not tolerate:
                 raise LaunchError(f"Kubernetes API unreachable ({what} Job): {e}") from None
