@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # sudo only when not root and sudo exists
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: .venv venv deps-servers test lint demo bench clean distclean
+.PHONY: .venv venv deps-servers test lint demo bench chart-schema clean distclean
 
 .venv venv: $(VENV)/.installed
 
@@ -42,8 +42,9 @@ test: $(VENV)/.installed deps-servers
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check services tests bench tools
-	$(VENV)/bin/ruff format --check services tests bench tools
+	$(VENV)/bin/ruff check services tests bench tools charts/mia-dpo/hack
+	$(VENV)/bin/ruff format --check services tests bench tools charts/mia-dpo/hack
+	$(VENV)/bin/helm lint --strict charts/mia-dpo
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/mia-dpo synth --out .demo/source --n 1200 --seed 0
@@ -53,6 +54,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mia-dpo contact-sheet --run-id demo --config configs/demo.yaml --out .demo/contact-sheet.png
 	$(VENV)/bin/mia-dpo status demo --config configs/demo.yaml
 	cat .demo/store/runs/demo/evaluate/report.md
+
+# values.schema.json embeds the run config's JSON schema: regenerate after config.py changes
+# (tests/chart fails with this command when it is stale).
+chart-schema: $(VENV)/.installed
+	$(PY) charts/mia-dpo/hack/gen_schema.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/augment.py

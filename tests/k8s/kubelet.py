@@ -226,6 +226,10 @@ class KubeletStandIn:
             env[var["name"]] = self._env_value(var, pod_meta, run, mounts, env)
         argv = [expand(a, env, mounts) for a in (container.get("command") or [])]
         argv += [expand(a, env, mounts) for a in (container.get("args") or [])]
+        # DNS of an Indexed Job's pods on its headless Service: <job>-<i>.<subdomain>
+        if pod_spec.get("subdomain"):
+            pod_name = re.escape(run.name) + r"-\d+\." + re.escape(pod_spec["subdomain"])
+            argv = [re.sub(pod_name + r"(\.[\w.-]+)?(?=:)", "127.0.0.1", a) for a in argv]
         argv[0] = str(BIN / argv[0]) if (BIN / argv[0]).exists() else argv[0]
         log = pod_dir / "log.txt"
         with log.open("wb") as out:

@@ -213,3 +213,41 @@ def test_a_stage_job_that_fails_stops_the_run_with_a_report(
         assert names == {name, f"{RELEASE}-generate"}
     finally:
         emulator.close()
+
+
+def test_multi_node_training_runs_as_an_indexed_job_with_c10d(
+    tmp_path, source, tiny_model_dir, secured_redis, s3_server, s3_bucket
+) -> None:
+    """train.nodes 2: the chart's Indexed Job runs torchrun on two "nodes" (pods 0 and
+    1, one CPU process each) that meet through c10d rendezvous at pod 0's name on the
+    headless Service (resolved to loopback by the stand-in, as that Service's DNS
+    would), train one model together, and rank 0 writes it."""
+    from tests.servers import free_port
+
+    values = chart_values("k8s-ddp", source, tiny_model_dir, secured_redis, s3_bucket)
+    values["run"]["stages"] = ["augment", "generate", "score", "select", "train"]
+    port = free_port()
+    values["train"] = {"nodes": 2, "gpusPerNode": 1, "rendezvousPort": port, "resources": {}}
+    objects = render(values, tmp_path)
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"]
+                  == f"{RELEASE}-train"]  # fmt: skip
+    assert service["spec"]["clusterIP"] == "None"
+    emulator = KubeEmulator()
+    try:
+        api = emulator.batch()
+        env = base_env(emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
+        with KubeletStandIn(api, NS, objects, env=env, workdir=tmp_path / "pods") as kubelet:
+            name = install(api, objects)
+            job = wait_for(api, name, kubelet)
+            log = kubelet.logs(name)
+        assert job.status.conditions[0].type == "Complete", log[-3000:]
+        (train,) = [r for r in kubelet.history if r.name == f"{RELEASE}-train"]
+        assert train.manifest["spec"]["completionMode"] == "Indexed"
+        assert sorted(train.done_indexes) == [0, 1]
+        keys = objects_in(s3_server, s3_bucket["bucket"], "runs/k8s-ddp/train/")
+        assert any("adapter_model.safetensors" in k for k in keys), keys
+        (meta_key,) = [k for k in keys if k.endswith("metadata.json")]
+        meta = json.loads(s3_server.client().get_object(s3_bucket["bucket"], meta_key).read())
+        assert meta["world_size"] == 2, kubelet.logs(train.name)[-3000:]
+    finally:
+        emulator.close()

@@ -1,0 +1,63 @@
+"""k8s/: the kind cluster config, the values for it and the script that brings it up.
+kind itself is not available here: the script is checked for syntax and for the
+commands it must run."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+
+from tests.chart.chart import CI_DIR, GPU_STAGES, REPO, Rendered
+
+K8S = REPO / "k8s"
+
+
+def test_kind_values_are_the_ci_scenario() -> None:
+    assert (K8S / "values-kind.yaml").read_text() == (CI_DIR / "kind-values.yaml").read_text()
+
+
+def test_kind_config() -> None:
+    cfg = yaml.safe_load((K8S / "kind-config.yaml").read_text())
+    assert cfg["kind"] == "Cluster" and cfg["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    roles = [n["role"] for n in cfg["nodes"]]
+    assert roles == ["control-plane", "worker"]
+    worker = cfg["nodes"][1]
+    assert worker["labels"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_kind_worker_fits_the_gpu_stages(rendered: dict[str, Rendered]) -> None:
+    """The GPU stages' nodeSelector matches the kind worker, and nothing they need is
+    missing there (no GPU limit, no taint to tolerate)."""
+    worker = yaml.safe_load((K8S / "kind-config.yaml").read_text())["nodes"][1]
+    assert "kubeadmConfigPatches" not in worker  # no taints
+    for stage in GPU_STAGES:
+        pod = rendered["kind"].jobs[stage]["spec"]["template"]["spec"]
+        assert pod["nodeSelector"].items() <= worker["labels"].items()
+        assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+        assert pod["containers"][0]["imagePullPolicy"] == "Never"
+
+
+def test_kind_up_script_syntax() -> None:
+    script = K8S / "kind-up.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_kind_up_script_steps() -> None:
+    text = (K8S / "kind-up.sh").read_text()
+    for step in (
+        "set -euo pipefail",
+        'kind create cluster --name "${CLUSTER}" --config "${ROOT}/k8s/kind-config.yaml"',
+        "docker build -f docker/Dockerfile --target light --build-arg VARIANT=cpu"
+        ' -t "mia-dpo:${TAG}" .',
+        "docker build -f docker/Dockerfile --target gpu --build-arg VARIANT=cpu"
+        ' -t "mia-dpo-gpu:${TAG}" .',
+        'kind load docker-image --name "${CLUSTER}" "mia-dpo:${TAG}" "mia-dpo-gpu:${TAG}"',
+        '-f "${VALUES}"',
+        "--wait",
+        '"${HELM}" test',
+        "get jobs -l app.kubernetes.io/instance=",
+    ):
+        assert step in text, step
+    assert 'VALUES="${ROOT}/k8s/values-kind.yaml"' in text
