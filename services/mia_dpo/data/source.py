@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import threading
 import warnings
 
@@ -61,14 +62,38 @@ Problems = list[tuple[int, str, str]]  # (line, reason, detail)
 
 
 def read_index(data: bytes, name: str) -> tuple[Records, Problems]:
-    """Parse a JSON list or JSONL index into (records, problems), both keyed by line."""
+    """Parse a JSON list or JSONL index into (records, problems), both keyed by line
+    (the 1-based position of an item in a JSON list)."""
     data = data.removeprefix(_BOM)
     head = data.lstrip()
     if not head:
         raise UserError(f"{name}: the file is empty")
     if head.startswith(b"["):
-        return _read_json_list(data, name), []
-    return _read_jsonl(data, name)
+        records, problems = _read_json_list(data, name), []
+        unit = "sample"
+    else:
+        records, problems = _read_jsonl(data, name)
+        unit = "line"
+    if _SURROGATE_ESCAPE.search(data):  # rare: only then look at every string
+        records, bad_text = _split_unencodable(records, name, unit)
+        problems = sorted(problems + bad_text)
+    return records, problems
+
+
+class _Unparseable(ValueError):
+    """Valid JSON syntax that Python's parser still refuses."""
+
+
+def _loads(text: str) -> object:
+    """json.loads; the ways it fails besides JSONDecodeError become _Unparseable."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _Unparseable("nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # a number past Python's int-string digit limit
+        raise _Unparseable(str(e).split(";")[0]) from None
 
 
 def _read_json_list(data: bytes, name: str) -> Records:
@@ -78,11 +103,13 @@ def _read_json_list(data: bytes, name: str) -> Records:
         lines = data.count(b"\n", 0, e.start) + 1
         raise UserError(f"{name}: not UTF-8 at line {lines} (byte {e.start})") from None
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except json.JSONDecodeError as e:
         raise UserError(
             f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
         ) from None
+    except _Unparseable as e:
+        raise UserError(f"{name}: invalid JSON: {e}") from None
     return [(i + 1, item) for i, item in enumerate(value)]  # valid JSON after '[' is a list
 
 
@@ -99,22 +126,72 @@ def _read_jsonl(data: bytes, name: str) -> tuple[Records, Problems]:
             problems.append((n, "not_utf8", f"{name}: line {n}: not UTF-8 at byte {e.start}"))
             continue
         try:
-            records.append((n, json.loads(text)))
+            records.append((n, _loads(text)))
         except json.JSONDecodeError as e:
             detail = f"{name}: line {n}: invalid JSON at column {e.colno}: {e.msg}"
             problems.append((n, "invalid_json", detail))
+        except _Unparseable as e:
+            problems.append((n, "invalid_json", f"{name}: line {n}: invalid JSON: {e}"))
     if not records and problems:
         # A pretty-printed single object fails line by line; say what it really is.
         try:
-            whole = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = _loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
             whole = None
         if whole is not None and not isinstance(whole, list):
             raise UserError(
                 f"{name}: top-level JSON value is a {type(whole).__name__}, "
                 "expected a list of samples or one sample per line (JSONL)"
             )
+        # Nothing parses (UTF-16, a binary file, not JSON at all): not an index.
+        _, _, first = problems[0]
+        raise UserError(
+            f"{name}: not a JSON list or JSONL index: no line of it parses "
+            f"({len(problems)} tried; {first.removeprefix(name + ': ')})"
+        )
     return records, problems
+
+
+# \uD800-\uDFFF escapes: JSON allows them unpaired, but such a string is not Unicode
+# text and cannot be written out as UTF-8 again. Found here, dropped with the line.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _split_unencodable(records: Records, name: str, unit: str) -> tuple[Records, Problems]:
+    """Move records holding an unpaired surrogate to problems (reason `not_utf8`)."""
+    kept: Records = []
+    problems: Problems = []
+    for line, value in records:
+        field = _surrogate_field(value)
+        if field is None:
+            kept.append((line, value))
+        else:
+            detail = (
+                f"{name}: {unit} {line}: {field} holds an unpaired UTF-16 surrogate escape "
+                "(not Unicode text, cannot be UTF-8)"
+            )
+            problems.append((line, "not_utf8", detail))
+    return kept, problems
+
+
+def _surrogate_field(value: object) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    stack: list[tuple[str, object]] = [("record", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return path
+        elif isinstance(v, dict):
+            for k in v:
+                if _SURROGATE.search(k):
+                    return f"a key of {path}"
+            # Pushed in reverse, so the first bad field in the record is the one named.
+            stack.extend((k if path == "record" else f"{path}.{k}", v[k]) for k in reversed(v))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", v[i]) for i in reversed(range(len(v))))
+    return None
 
 
 # --- one sample ---------------------------------------------------------------------
@@ -233,6 +310,12 @@ def resolve_image(root: str, rel: str) -> str:
     real = os.path.realpath(path)
     if os.path.commonpath([base, real]) != base:
         raise SampleError("unsafe_path", f"field 'image' {rel!r} resolves outside the image root")
+    # Opening a FIFO blocks until someone writes to it, a device may never end: read
+    # only regular files (a missing file or a folder is left to the reader: not found).
+    with contextlib.suppress(OSError):
+        mode = os.stat(real).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise SampleError("image_unreadable", f"{rel}: not a regular file, not read")
     return path
 
 
@@ -257,6 +340,8 @@ def decode_image(data: bytes, name: str, max_pixels: int, min_side: int) -> Imag
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 reason = "image_truncated" if "truncat" in str(e).lower() else "image_unreadable"
                 raise SampleError(reason, f"{name}: cannot decode pixels: {e}") from None
+        except SampleError as e:
+            raise _truncated_if_cut_short(e, data, name) from None
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = saved
     # A corrupt EXIF block leaves the pixels usable as stored, so it is not a drop reason.
@@ -282,6 +367,35 @@ def _open_checked(data: bytes, name: str, max_pixels: int, min_side: int) -> Ima
     if min(width, height) < min_side:
         raise SampleError("image_too_small", f"{size} has a side under {min_side} px")
     return im
+
+
+def _truncated_if_cut_short(err: SampleError, data: bytes, name: str) -> SampleError:
+    """PIL often reports a file cut inside its header as unidentified or corrupt; a file
+    that starts like a known format but lacks its end (or declared length) was cut."""
+    fmt = _cut_short(data) if err.reason == "image_unreadable" else None
+    if fmt is None:
+        return err
+    why = err.detail.removeprefix(f"{name}: ")
+    return SampleError(
+        "image_truncated", f"{name}: {fmt} file cut short at {len(data)} bytes ({why})"
+    )
+
+
+def _cut_short(data: bytes) -> str | None:
+    """The format of an image file that stops before its end marker or declared size."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in data else "PNG"
+    if data.startswith(b"\xff\xd8"):
+        # The entropy-coded data escapes 0xFF, so an EOI after the last SOS ends the scan.
+        sos = data.rfind(b"\xff\xda")
+        return None if sos >= 0 and data.rfind(b"\xff\xd9") > sos else "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return None if data.rstrip(b"\0\r\n")[-1:] == b";" else "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP" if len(data) < int.from_bytes(data[4:8], "little") + 8 else None
+    if data[:2] == b"BM" and len(data) >= 6:
+        return "BMP" if len(data) < int.from_bytes(data[2:6], "little") else None
+    return None
 
 
 def _to_rgb(im: Image.Image, name: str) -> Image.Image:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import random
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -295,16 +296,29 @@ class BlobReader:
     credentials), whatever the bucket; local paths are read as given.
     """
 
-    def __init__(self, cfg: StoreConfig) -> None:
+    def __init__(self, cfg: StoreConfig, roots: Sequence[str] | None = None) -> None:
+        """`roots`: when given, only URIs inside one of them may be read (a worker's
+        reader: its run's prefix and the configured input), whatever a record says."""
         self.cfg = cfg
         self._client: Any | None = None
+        self.roots = None if roots is None else [_normal(r) for r in roots if r]
 
     def _s3(self) -> Any:
         if self._client is None:
             self._client = minio_client(self.cfg)
         return self._client
 
+    def allowed(self, uri: str) -> bool:
+        if self.roots is None:
+            return True
+        target = _normal(uri)
+        return any(target == r or target.startswith(r.rstrip("/") + "/") for r in self.roots)
+
     def read(self, uri: str) -> bytes:
+        if not self.allowed(uri):
+            raise OutsideScope(
+                f"{uri}: outside this run's prefix and the configured input; not read"
+            )
         if uri.startswith("s3://"):
             from minio.error import S3Error
 
@@ -324,6 +338,19 @@ class BlobReader:
             return Path(uri).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(uri) from None
+
+
+class OutsideScope(PermissionError):
+    """A record pointed a worker at data it has no business reading."""
+
+
+def _normal(uri: str) -> str:
+    """Comparable form: s3 keys with `.`/`..` resolved, local paths fully resolved
+    (symlinks included, so a link inside a root cannot lead out of it)."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[5:].partition("/")
+        return f"s3://{bucket}/" + posixpath.normpath("/" + key).lstrip("/")
+    return os.path.realpath(uri)
 
 
 def open_store(cfg: StoreConfig) -> Store:

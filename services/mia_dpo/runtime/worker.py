@@ -26,7 +26,7 @@ from mia_dpo.errors import NotFound, UserError
 from mia_dpo.records import Task
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import Lease, Queue
-from mia_dpo.runtime.store import BlobReader, Store
+from mia_dpo.runtime.store import BlobReader, OutsideScope, Store
 from mia_dpo.stages.base import StageContext, get_stage
 
 log = logging.getLogger("mia_dpo.worker")
@@ -102,9 +102,8 @@ class Worker:
     def _context(self) -> StageContext:
         if self._ctx is None:
             run_cfg = load_run_config(self.store, self.run_id, self.cfg)
-            self._ctx = StageContext(
-                store=self.store, blobs=BlobReader(self.cfg.store), config=run_cfg
-            )
+            blobs = scoped_reader(self.store, run_cfg, self.run_id)
+            self._ctx = StageContext(store=self.store, blobs=blobs, config=run_cfg)
         return self._ctx
 
     def run(self) -> int:
@@ -149,9 +148,11 @@ class Worker:
                     self.processed += 1
             q.ack(run_id, stage, lease)
         except Exception as e:
+            # Reading outside the run's scope will not get better on retry.
             outcome = q.fail(
-                run_id, stage, lease, f"{type(e).__name__}: {e}", traceback.format_exc()
-            )
+                run_id, stage, lease, f"{type(e).__name__}: {e}", traceback.format_exc(),
+                final=isinstance(e, OutsideScope),
+            )  # fmt: skip
             log.error("%s attempt %d failed (%s): %s", task.task_id, lease.attempt, outcome, e)
         except BaseException:
             # Second SIGTERM or Ctrl-C: hand the task back uncounted, then go.
@@ -159,6 +160,14 @@ class Worker:
                 q.release(run_id, stage, lease)
             finally:
                 raise
+
+
+def scoped_reader(store: Store, cfg: RunConfig, run_id: str) -> BlobReader:
+    """What a worker may read: its own run's prefix in the store and the configured
+    input (index and image root); a record naming anything else is refused."""
+    image_root = cfg.input.image_root or os.getcwd()  # '' resolves against the cwd
+    roots = [store.uri(layout.run_prefix(run_id).rstrip("/")), cfg.input.path, image_root]
+    return BlobReader(cfg.store, roots=roots)
 
 
 def run_task_directly(cfg: RunConfig, run_id: str, stage: str, shard: int, store: Store) -> bool:
@@ -170,9 +179,8 @@ def run_task_directly(cfg: RunConfig, run_id: str, stage: str, shard: int, store
     marker = layout.marker_key(run_id, stage, shard)
     if store.exists(marker):
         return False
-    ctx = StageContext(
-        store=store, blobs=BlobReader(cfg.store), config=load_run_config(store, run_id, cfg)
-    )
+    run_cfg = load_run_config(store, run_id, cfg)
+    ctx = StageContext(store=store, blobs=scoped_reader(store, run_cfg, run_id), config=run_cfg)
     t0 = time.monotonic()
     stats = get_stage(stage)(Task.make(run_id, stage, shard), ctx)
     stats.seconds = round(time.monotonic() - t0, 4)

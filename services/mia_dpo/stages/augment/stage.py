@@ -249,7 +249,9 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         line, raw = rec["line"], rec["raw"]
         stats.total += 1
         raw_id = raw.get("id") if isinstance(raw, dict) else None
-        label = str(raw_id) if raw_id not in (None, "") else f"line-{line}"
+        # An id of the wrong type (1.5, true, a list) does not name the sample: its line does.
+        usable = isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and raw_id != ""
+        label = str(raw_id) if usable else f"line-{line}"
         if rec.get("duplicate_of"):
             drops.drop(
                 label, "duplicate_id", f"id {label!r} already used on line {rec['duplicate_of']}"
