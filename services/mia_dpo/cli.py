@@ -119,6 +119,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    from mia_dpo.retry import format_retry, retry_dead
+
+    if not args.dead:
+        raise UserError("retry: say what to retry: --dead (the dead-lettered tasks)")
+    cfg, run_id, store, queue = _open_run(args)
+    plan = retry_dead(store, queue if cfg.queue.backend == "redis" else None, run_id, args.stage)
+    print(format_retry(plan, args.config or "CONFIG"))
+    return 0
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     from mia_dpo.controller import Controller
     from mia_dpo.runtime import layout
@@ -243,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="config YAML for connections")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_status)
+
+    rt = sub.add_parser(
+        "retry", help="requeue a run's dead-lettered tasks after a fix (then run it again)"
+    )
+    rt.add_argument("run_id", metavar="RUN_ID")
+    rt.add_argument("--dead", action="store_true", help="requeue the dead-lettered tasks")
+    rt.add_argument("--stage", action="append", choices=STAGE_ORDER, help="only these stages")
+    rt.add_argument("--config", help="config YAML for connections")
+    rt.set_defaults(fn=cmd_retry)
 
     a = sub.add_parser("augment", help="only augment a LLaVA-format file into multi-image samples")
     a.add_argument("--input", required=True, help="LLaVA JSON/JSONL file")

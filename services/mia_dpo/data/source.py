@@ -145,9 +145,11 @@ def _read_jsonl(data: bytes, name: str) -> tuple[Records, Problems]:
             )
         # Nothing parses (UTF-16, a binary file, not JSON at all): not an index.
         _, _, first = problems[0]
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
         raise UserError(
             f"{name}: not a JSON list or JSONL index: no line of it parses "
             f"({len(problems)} tried; {first.removeprefix(name + ': ')})"
+            + ("; it looks like UTF-16: save it as UTF-8" if utf16 else "")
         )
     return records, problems
 
