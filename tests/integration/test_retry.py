@@ -17,7 +17,10 @@ from mia_dpo.retry import retry_dead
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import DeadLetter
 from mia_dpo.runtime.store import BlobReader, LocalStore, S3Store
-from tests.integration.test_pipeline import cli_env, distributed_config, mia, source  # noqa: F401
+from tests.integration import test_pipeline
+from tests.integration.test_pipeline import cli_env, distributed_config, mia
+
+source = test_pipeline.source  # the module's source-data fixture, shared
 
 
 @pytest.mark.integration
@@ -25,7 +28,7 @@ def test_retry_dead_processes_a_shard_the_budget_let_through(
     tmp_path,
     source,
     s3_bucket,
-    redis_url,  # noqa: F811
+    redis_url,
 ) -> None:
     cfg_path = distributed_config(tmp_path, source, s3_bucket, redis_url)
     doc = yaml.safe_load(cfg_path.read_text())
