@@ -62,6 +62,7 @@ chart-schema: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/augment.py
+	$(PY) bench/load.py --tasks 10000 --workers 1 4
 
 clean:
 	rm -rf .demo .pytest_cache .ruff_cache build *.egg-info services/*.egg-info
