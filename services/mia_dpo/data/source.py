@@ -74,7 +74,7 @@ def read_index(data: bytes, name: str) -> tuple[Records, Problems]:
     else:
         records, problems = _read_jsonl(data, name)
         unit = "line"
-    if _SURROGATE_ESCAPE.search(data):  # rare: only then look at every string
+    if any(len(m[0]) == 6 for m in _SURROGATE_ESCAPES.finditer(data)):  # rare: then look closer
         records, bad_text = _split_unencodable(records, name, unit)
         problems = sorted(problems + bad_text)
     return records, problems
@@ -155,8 +155,13 @@ def _read_jsonl(data: bytes, name: str) -> tuple[Records, Problems]:
 
 
 # \uD800-\uDFFF escapes: JSON allows them unpaired, but such a string is not Unicode
-# text and cannot be written out as UTF-8 again. Found here, dropped with the line.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# text and cannot be written out as UTF-8 again (the plan would fail writing its shard).
+# The record is dropped with its line. Only an unpaired escape in the raw bytes (or an
+# escaped backslash before one) makes read_index look at every string; pairs (emoji) don't.
+# A pair matches as 12 bytes (the first alternative); a 6-byte match is unpaired.
+_SURROGATE_ESCAPES = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
