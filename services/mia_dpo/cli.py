@@ -14,7 +14,8 @@ from pathlib import Path
 from mia_dpo import __version__
 from mia_dpo.config import RunConfig, load_config
 from mia_dpo.errors import TransientStoreError, UserError
-from mia_dpo.records import FORMATS, STAGE_ORDER, check_run_id
+from mia_dpo.records import FORMATS, STAGE_ORDER, ShardStats, check_run_id
+from mia_dpo.runtime.layout import stage_stats_key
 
 log = logging.getLogger("mia_dpo")
 
@@ -60,6 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             interrupt()
         print(f"interrupted; rerun with --run-id {run_id} to resume", file=sys.stderr)
         return 130
+    plan = ShardStats.model_validate(store.get_json(stage_stats_key(run_id, "plan")))
+    if plan.dropped:  # index lines that never became samples: count them here too
+        dropped = ", ".join(f"{r} {n}" for r, n in sorted(plan.dropped.items()))
+        print(f"plan: {plan.total} index records; dropped: {dropped}")
     for o in outcomes:
         note = " (already done)" if o.skipped else ""
         dropped = ", ".join(f"{r} {n}" for r, n in sorted(o.stats.dropped.items())) or "none"

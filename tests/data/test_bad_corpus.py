@@ -12,6 +12,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -165,6 +166,9 @@ def test_run_command_with_the_augment_stage(corpus: Corpus) -> None:
     in_stage = [c for c in cases if c.where == "augment"]
     n_kept = sum(c.expect == KEPT for c in cases)
     assert f"augment: kept {n_kept} of {len(in_stage)}; dropped: " in proc.stdout
+    in_plan = [c for c in cases if c.where == "plan"]
+    plan_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan: "))
+    assert sum(int(n) for n in re.findall(r" (\d+)(?:,|$)", plan_line)) == len(in_plan)
     check_outcome(read_outcome(corpus.root / "store", RUN_ID), cases)
     # Resuming the finished run does no work and changes nothing.
     again = mia("run", m.run_config, "--run-id", RUN_ID, "-q", cwd=corpus.root)
