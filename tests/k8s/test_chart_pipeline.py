@@ -15,6 +15,7 @@ and deletes each after it succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,6 +132,24 @@ def wait_for(api: Any, name: str, kubelet: KubeletStandIn, seconds: float = 900)
     raise AssertionError(f"{name} did not finish; controller log:\n{kubelet.logs(name)[-3000:]}")
 
 
+@contextlib.contextmanager
+def installed(
+    objects: list[dict[str, Any]], tmp: Path
+) -> Iterator[tuple[Any, KubeletStandIn, str, Any]]:
+    """A fresh API emulator and kubelet stand-in, the release "installed", the
+    controller Job run to its end: yields (api, kubelet, controller name, its Job)."""
+    emulator = KubeEmulator()
+    try:
+        api = emulator.batch()
+        env = base_env(emulator.write_kubeconfig(tmp / "kubeconfig", NS))
+        with KubeletStandIn(api, NS, objects, env=env, workdir=tmp / "pods") as kubelet:
+            name = install(api, objects)
+            job = wait_for(api, name, kubelet)
+        yield api, kubelet, name, job
+    finally:
+        emulator.close()
+
+
 def objects_in(s3_server: Any, bucket: str, prefix: str) -> list[str]:
     client = s3_server.client()
     return [o.object_name for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
@@ -141,14 +160,8 @@ def test_the_rendered_chart_runs_every_stage(
 ) -> None:
     values = chart_values("k8s-e2e", source, tiny_model_dir, secured_redis, s3_bucket)
     objects = render(values, tmp_path)
-    emulator = KubeEmulator()
-    try:
-        api = emulator.batch()
-        env = base_env(emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
-        with KubeletStandIn(api, NS, objects, env=env, workdir=tmp_path / "pods") as kubelet:
-            name = install(api, objects)
-            job = wait_for(api, name, kubelet)
-            log = kubelet.logs(name)
+    with installed(objects, tmp_path) as (api, kubelet, name, job):
+        log = kubelet.logs(name)
         assert job.status.conditions[0].type == "Complete", log[-3000:]
         # one Job per stage, made by the controller from the chart's templates ...
         stage_jobs = [r for r in kubelet.history if r.name != name]
@@ -180,8 +193,6 @@ def test_the_rendered_chart_runs_every_stage(
         text = stored.read().decode() + "".join(kubelet.logs(r.name) for r in kubelet.history)
         for secret in (REDIS_PASSWORD, s3_bucket["secret_key"], s3_bucket["access_key"]):
             assert secret not in text
-    finally:
-        emulator.close()
 
 
 def test_a_stage_job_that_fails_stops_the_run_with_a_report(
@@ -193,14 +204,8 @@ def test_a_stage_job_that_fails_stops_the_run_with_a_report(
     # which the chart's podFailurePolicy turns into a failed Job at once.
     values["generate"]["extraEnv"] = [{"name": "MIA_DPO_S3_SECURE", "value": "maybe"}]
     objects = render(values, tmp_path)
-    emulator = KubeEmulator()
-    try:
-        api = emulator.batch()
-        env = base_env(emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
-        with KubeletStandIn(api, NS, objects, env=env, workdir=tmp_path / "pods") as kubelet:
-            name = install(api, objects)
-            job = wait_for(api, name, kubelet)
-            log = kubelet.logs(name)
+    with installed(objects, tmp_path) as (api, kubelet, name, job):
+        log = kubelet.logs(name)
         assert job.status.conditions[0].type == "Failed"
         assert "run failed: stage generate: Job mia/mia-dpo-generate failed" in log, log[-3000:]
         assert "kubectl logs -n mia -l job-name=mia-dpo-generate" in log
@@ -211,8 +216,6 @@ def test_a_stage_job_that_fails_stops_the_run_with_a_report(
         # the failed Job stays for `kubectl logs`; augment's finished and was deleted
         names = {j.metadata.name for j in api.list_namespaced_job(NS).items}
         assert names == {name, f"{RELEASE}-generate"}
-    finally:
-        emulator.close()
 
 
 def test_multi_node_training_runs_as_an_indexed_job_with_c10d(
@@ -232,14 +235,8 @@ def test_multi_node_training_runs_as_an_indexed_job_with_c10d(
     (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"]
                   == f"{RELEASE}-train"]  # fmt: skip
     assert service["spec"]["clusterIP"] == "None"
-    emulator = KubeEmulator()
-    try:
-        api = emulator.batch()
-        env = base_env(emulator.write_kubeconfig(tmp_path / "kubeconfig", NS))
-        with KubeletStandIn(api, NS, objects, env=env, workdir=tmp_path / "pods") as kubelet:
-            name = install(api, objects)
-            job = wait_for(api, name, kubelet)
-            log = kubelet.logs(name)
+    with installed(objects, tmp_path) as (_, kubelet, name, job):
+        log = kubelet.logs(name)
         assert job.status.conditions[0].type == "Complete", log[-3000:]
         (train,) = [r for r in kubelet.history if r.name == f"{RELEASE}-train"]
         assert train.manifest["spec"]["completionMode"] == "Indexed"
@@ -249,5 +246,3 @@ def test_multi_node_training_runs_as_an_indexed_job_with_c10d(
         (meta_key,) = [k for k in keys if k.endswith("metadata.json")]
         meta = json.loads(s3_server.client().get_object(s3_bucket["bucket"], meta_key).read())
         assert meta["world_size"] == 2, kubelet.logs(train.name)[-3000:]
-    finally:
-        emulator.close()
