@@ -23,7 +23,7 @@ from mia_dpo.data.source import parse_sample, read_index
 from mia_dpo.errors import NotFound, SampleError, UserError
 from mia_dpo.records import MODEL_STAGES, SINGLE_TASK_STAGES, STAGE_ORDER, ShardStats, Task
 from mia_dpo.runtime import layout
-from mia_dpo.runtime.launchers import Launcher, make_launcher
+from mia_dpo.runtime.launchers import Launcher, LaunchError, make_launcher
 from mia_dpo.runtime.progress import Progress
 from mia_dpo.runtime.queue import Queue
 from mia_dpo.runtime.store import BlobReader, Store
@@ -201,7 +201,17 @@ class Controller:
         plan = plan_run(self.store, BlobReader(self.cfg.store), self.cfg, self.run_id)
         store_run_config(self.store, self.cfg, self.run_id)
         log.info("run %s: %d samples in %d shards", self.run_id, plan.n_records, plan.n_shards)
-        return [self.run_stage(stage, self.stage_shards(stage, plan)) for stage in self.cfg.stages]
+        outcomes: list[StageOutcome] = []
+        try:
+            for stage in self.cfg.stages:
+                outcomes.append(self.run_stage(stage, self.stage_shards(stage, plan)))
+        except (RunFailed, LaunchError, UserError):
+            # The run is over: workers started by someone else (Compose) for the
+            # stages it will not reach must not wait for them forever.
+            for stage in self.cfg.stages[len(outcomes) :]:
+                self.queue.close_stage(self.run_id, stage)
+            raise
+        return outcomes
 
     def stage_shards(self, stage: str, plan: Plan) -> list[int]:
         """The shards a stage works on: all of them for the first stage, then the
@@ -222,6 +232,9 @@ class Controller:
     def run_stage(self, stage: str, shards: list[int]) -> StageOutcome:
         run_id, store, queue = self.run_id, self.store, self.queue
         if store.exists(layout.stage_done_key(run_id, stage)):
+            # Closed in the queue too (it may have lost its state): workers waiting
+            # for this stage exit instead of waiting for work that will not come.
+            queue.close_stage(run_id, stage)
             stats = ShardStats.model_validate(store.get_json(layout.stage_stats_key(run_id, stage)))
             return StageOutcome(stage, True, stats, [])
         n_shards = len(shards)

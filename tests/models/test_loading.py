@@ -218,3 +218,20 @@ def test_template_that_moves_images_is_replaced_or_refused(tiny_model_dir) -> No
     assert proc.chat_template == INTERLEAVED_CHAT_TEMPLATE
     text = chat_text(proc, "Image1:<image>\nImage2:<image>\nIn Image2, what is it?")
     assert text.index("Image1:") < text.index("<image>") < text.index("Image2:")
+
+
+def test_an_unreadable_weights_file_is_named(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_pretrained writes 0600 files; a container running as another uid cannot
+    read them. (The tests run as root, who can read anything, so os.access is made
+    to answer as that other uid would.)"""
+    import os
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: not str(p).endswith(".safetensors") and real_access(p, mode)
+    )
+    with pytest.raises(UserError, match=r"cannot read model\.safetensors as uid \d+ \(permission"):
+        load_model(ModelConfig(path=str(model_dir)))

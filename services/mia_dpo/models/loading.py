@@ -10,6 +10,7 @@ at load time, before their weights are read.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,19 @@ def _check_local_dir(path: str, allow_pickle: bool) -> None:
         return  # may be a hub id
     if not local.is_dir():
         raise UserError(f"model.path: {path} is not a directory (save_pretrained layout)")
-    files = [p.name for p in local.iterdir() if p.is_file()]
+    try:
+        entries = [p for p in local.iterdir() if p.is_file()]
+    except PermissionError:
+        raise UserError(f"model.path: {path}: permission denied (cannot list it)") from None
+    # A file the worker's user cannot read (save_pretrained writes 0600 files; a
+    # container runs as another uid) would surface as a misleading "not found".
+    unreadable = sorted(p.name for p in entries if not os.access(p, os.R_OK))
+    if unreadable:
+        raise UserError(
+            f"model.path: {path}: cannot read {', '.join(unreadable[:3])} as uid {os.getuid()} "
+            "(permission denied; make the files readable, e.g. chmod a+r)"
+        )
+    files = [p.name for p in entries]
     has_safe = any(f.endswith(".safetensors") for f in files)
     if not has_safe and not allow_pickle and any(f.endswith(_PICKLE_SUFFIXES) for f in files):
         raise UserError(
