@@ -275,3 +275,12 @@ def test_stage_params_exclude_connections() -> None:
     assert a.stage_params() == b.stage_params()
     assert RunConfig(seed=2).stage_params() != a.stage_params()
     assert RunConfig(augment={"pip_scale": 0.5}).stage_params() != RunConfig().stage_params()
+
+
+@pytest.mark.parametrize("name", ["b", "My-Bucket", "-edge", "a..b", "x" * 64, "under_score"])
+def test_bad_bucket_names_are_one_line(tmp_path, name: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"store: {{backend: s3, bucket: '{name}'}}\n")
+    with pytest.raises(UserError, match=r"store\.bucket: .* is not an S3 bucket name") as err:
+        load_config(path, environ={})
+    assert "\n" not in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -82,22 +83,35 @@ EXIT_STOPPED = 75
 def cmd_worker(args: argparse.Namespace) -> int:
     from mia_dpo.runtime.worker import GracefulExit, Worker, install_signal_handlers
 
-    cfg = load_config(args.config)
-    run_id = args.run_id or os.environ.get("MIA_DPO_RUN_ID") or cfg.run_id
-    if not run_id:
-        raise UserError("worker: --run-id (or MIA_DPO_RUN_ID) is required")
-    run_id = _run_id(run_id, cfg)
-    if cfg.queue.backend != "redis":
-        raise UserError("worker: queue.backend must be 'redis' for a separate worker process")
-    store, queue = _connections(cfg)
+    # Handlers before anything else, so that a SIGTERM while the worker is starting
+    # (connecting, riding out an S3 or Redis outage) also ends in "stopped" (75), not
+    # in death by the signal (143), which a Job counts as a failure. Until the loop
+    # runs there is no task to finish: `stop` starts set, so one signal ends start-up.
     stop = threading.Event()
+    stop.set()
     install_signal_handlers(stop)
-    worker = Worker(cfg, run_id, args.stage, store, queue, stop=stop)
+    worker: Worker | None = None
     try:
+        cfg = load_config(args.config)
+        run_id = args.run_id or os.environ.get("MIA_DPO_RUN_ID") or cfg.run_id
+        if not run_id:
+            raise UserError("worker: --run-id (or MIA_DPO_RUN_ID) is required")
+        run_id = _run_id(run_id, cfg)
+        if cfg.queue.backend != "redis":
+            raise UserError("worker: queue.backend must be 'redis' for a separate worker process")
+        store, queue = _connections(cfg)
+        worker = Worker(cfg, run_id, args.stage, store, queue, stop=stop)
+        stop.clear()  # from now on the first signal lets the current task finish
         worker.run()
     except GracefulExit:
-        log.warning("second signal: current task released")
-    log.info("worker %s exiting after %d shards", worker.consumer, worker.processed)
+        log.warning("signal: %s", "current task released" if worker else "stopped while starting")
+    finally:
+        # Nothing left to finish or release: a further signal while the interpreter
+        # shuts down would kill it by the default action and turn 75 (or 0) into 143.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if worker is not None:
+        log.info("worker %s exiting after %d shards", worker.consumer, worker.processed)
     # 0 tells Kubernetes (work-queue Jobs) and Compose that the stage is drained;
     # a worker stopped by a signal must not say so, or the Job would count a
     # drained node's pod as the stage's success and start no replacement.

@@ -15,10 +15,20 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mia_dpo.errors import UserError
 from mia_dpo.records import STAGE_ORDER
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class Section(BaseModel):
@@ -86,6 +96,17 @@ class StoreConfig(Section):
     # Credentials: environment only (MIA_DPO_S3_ACCESS_KEY / MIA_DPO_S3_SECRET_KEY).
     access_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     secret_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        # S3's naming rules, checked here so a typo is one line, not a client traceback.
+        if not _BUCKET.fullmatch(v) or ".." in v:
+            raise ValueError(
+                f"{v!r} is not an S3 bucket name (3-63 characters: lowercase letters, "
+                "digits, '.' and '-', starting and ending with a letter or digit)"
+            )
+        return v
 
 
 class QueueConfig(Section):

@@ -30,6 +30,9 @@ from mia_dpo.runtime.store import BlobReader, Store
 
 log = logging.getLogger("mia_dpo.controller")
 
+# How often a waiting controller offers again the shards the queue should hold.
+HEAL_SECONDS = 30.0
+
 
 class RunFailed(Exception):
     """A stage ended with more dead-lettered shards than its failure budget."""
@@ -253,6 +256,7 @@ class Controller:
         merged = {i: ShardStats.model_validate_json(store.get_text(k)) for i, k in done.items()}
         poll, last = 0.2, (len(merged), 0)
         wanted = set(shards)
+        heal_at = time.monotonic() + HEAL_SECONDS
         try:
             while True:
                 for i, key in done_shards(store, run_id, stage).items():
@@ -264,16 +268,42 @@ class Controller:
                 if len(merged) + len(dead) >= n_shards:
                     break
                 self.launcher.check()
+                if time.monotonic() >= heal_at:
+                    self._heal(stage, sorted(wanted - merged.keys() - dead))
+                    heal_at = time.monotonic() + HEAL_SECONDS
                 # Each poll lists the store: back off while nothing changes.
                 state = (len(merged), len(dead))
                 poll = 0.2 if state != last else min(poll * 1.5, 2.0)
                 last = state
                 time.sleep(poll)
+            # A worker that died after a shard's marker but before its ack leaves the
+            # task leased, maybe with no worker left to reclaim it (a single-task stage
+            # has one): the shard is done, so drop what the queue still holds for it.
+            queue.discard(run_id, stage, [Task.make(run_id, stage, i).task_id for i in merged])
         finally:
             queue.close_stage(run_id, stage)
             self.launcher.stop()
             progress.close()
         return self._finish_stage(stage, n_shards, merged, sorted(dead))
+
+    def _heal(self, stage: str, missing: list[int]) -> None:
+        """The queue may have lost tasks (Redis restarted without its data, failed over
+        to a replica that missed the last writes, or lost the last second of an
+        `appendfsync everysec` file in a crash): offer again every shard that has
+        neither a marker nor a dead letter. Enqueue skips tasks still queued, leased
+        or dead, so normally this adds nothing; a shard done meanwhile is skipped by
+        the worker that claims it."""
+        if not missing:
+            return
+        self.queue.open_stage(self.run_id, stage)  # the consumer group may be gone too
+        tasks = [Task.make(self.run_id, stage, i) for i in missing]
+        added = self.queue.enqueue(
+            self.run_id, stage, [(t.task_id, t.model_dump_json()) for t in tasks]
+        )
+        if added:
+            log.warning(
+                "stage %s: the queue had lost %d task(s); enqueued them again", stage, added
+            )
 
     def _finish_stage(
         self, stage: str, n_shards: int, merged: dict[int, ShardStats], dead: list[int]

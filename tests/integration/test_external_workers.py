@@ -68,3 +68,31 @@ def test_stages_a_failed_run_will_not_reach_are_closed(tmp_path: Path, redis_url
         t.join(30)
         assert not t.is_alive()
     assert not any(store.list("runs/fail/generate/"))
+
+
+def test_tasks_the_queue_lost_are_offered_again(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis lost what the stage had written (a restart without its data, a failover
+    to a replica that missed the last writes): the waiting controller enqueues the
+    shards without a marker again, and the run finishes."""
+    import mia_dpo.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "HEAL_SECONDS", 0.5)
+    doc = config(tmp_path, redis_url, ["augment"]).model_dump(mode="json")
+    cfg = RunConfig.model_validate(doc | {"launcher": {"kind": "external"}})
+    store = LocalStore(tmp_path / "store")
+    ctl = Controller(cfg, "heal", store, open_queue(cfg.queue), progress=False)
+    run = threading.Thread(target=ctl.run, daemon=True)
+    run.start()
+    r = redis.Redis.from_url(redis_url)
+    while not r.exists("mia-dpo:heal:augment:live"):  # the stage is open and enqueued
+        run.join(0.05)
+    r.flushall()
+    worker = external_worker(cfg, "heal", "augment", store)
+    run.join(120)
+    assert not run.is_alive()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert all(store.exists(layout.marker_key("heal", "augment", i)) for i in range(3))
+    assert store.exists(layout.stage_done_key("heal", "augment"))

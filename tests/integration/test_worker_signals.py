@@ -121,3 +121,30 @@ def test_second_sigterm_releases_the_task_uncounted(tmp_path, redis_url):
     thread.join(timeout=300)
     assert finisher.wait(timeout=60) == 0
     assert ctl.store.exists(layout.stage_done_key("hard", "augment"))
+
+
+def test_sigterm_while_starting_exits_stopped_not_killed(tmp_path, redis_url):
+    """A worker still connecting (here: riding out an unreachable S3 endpoint) when
+    the drain comes exits 75 at once; dying by the signal (143) would count as a
+    failed pod."""
+    from tests.servers import free_port
+
+    cfg = {
+        "store": {"backend": "s3", "endpoint": f"127.0.0.1:{free_port()}", "bucket": "unreached"},
+        "queue": {"backend": "redis", "url": redis_url},
+        "launcher": {"kind": "external"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, MIA_DPO_S3_ACCESS_KEY="k", MIA_DPO_S3_SECRET_KEY="s")
+    w = subprocess.Popen(
+        [sys.executable, "-m", "mia_dpo", "worker", "--stage", "augment", "--run-id", "starting",
+         "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    time.sleep(2.0)  # past imports, inside the store's retry loop
+    assert w.poll() is None
+    w.send_signal(signal.SIGTERM)
+    _, err = w.communicate(timeout=60)
+    assert w.returncode == EXIT_STOPPED, err[-2000:]
+    assert "stopped while starting" in err

@@ -172,3 +172,20 @@ def test_stages_and_runs_are_isolated(make_queue) -> None:
     q.enqueue("r1", STAGE, tasks(2))
     assert q.claim("r2", STAGE, "w") is None
     assert q.counts("r2", STAGE).queued == 0 and q.counts("r1", STAGE).queued == 2
+
+
+def test_discard_forgets_queued_and_leased_tasks(make_queue) -> None:
+    """The controller discards the tasks of finished shards: a worker killed between a
+    shard's marker and its ack leaves nothing pending behind."""
+    q = make_queue()
+    q.open_stage(RUN, STAGE)
+    q.enqueue(RUN, STAGE, tasks(3))
+    held = q.claim(RUN, STAGE, "killed-after-marker")
+    assert held is not None
+    assert q.discard(RUN, STAGE, [held.task_id, f"{RUN}/{STAGE}/00002", "no/such/task"]) == 2
+    c = q.counts(RUN, STAGE)
+    assert (c.queued, c.leased, c.dead) == (1, 0, 0)
+    assert not q.ack(RUN, STAGE, held)  # its lease is gone: the shard was done anyway
+    left = q.claim(RUN, STAGE, "w2")
+    assert left is not None and left.task_id == f"{RUN}/{STAGE}/00001"
+    assert q.claim(RUN, STAGE, "w2") is None

@@ -96,6 +96,11 @@ class Queue(ABC):
     def requeue_dead(self, run_id: str, stage: str) -> int:
         """Move dead-lettered tasks back to the queue with a fresh attempt count."""
 
+    @abstractmethod
+    def discard(self, run_id: str, stage: str, task_ids: list[str]) -> int:
+        """Forget these tasks, queued or leased (their shards are done; a worker still
+        holding one finds its lease lost). Returns how many were found."""
+
     def wait_for_work(
         self, run_id: str, stage: str, consumer: str, stop: threading.Event
     ) -> Lease | None:
@@ -268,6 +273,20 @@ class MemoryQueue(Queue):
                 st.ready.append(task_id)
             st.dead.clear()
             return n
+
+    def discard(self, run_id: str, stage: str, task_ids: list[str]) -> int:
+        with self._lock:
+            st = self._st(run_id, stage)
+            found = 0
+            for task_id in task_ids:
+                if st.tasks.pop(task_id, None) is None:
+                    continue
+                found += 1
+                st.leases.pop(task_id, None)
+                st.attempts.pop(task_id, None)
+                if task_id in st.ready:
+                    st.ready.remove(task_id)
+            return found
 
 
 def open_queue(cfg: QueueConfig) -> Queue:

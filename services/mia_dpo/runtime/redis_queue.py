@@ -134,6 +134,24 @@ return #all / 2
 """
 
 
+# KEYS: stream live attempts; ARGV: group, task ids...
+_DISCARD = """
+local found = 0
+for i = 2, #ARGV do
+  local tid = ARGV[i]
+  local eid = redis.call('HGET', KEYS[2], tid)
+  if eid then
+    redis.pcall('XACK', KEYS[1], ARGV[1], eid)
+    redis.call('XDEL', KEYS[1], eid)
+    redis.call('HDEL', KEYS[2], tid)
+    found = found + 1
+  end
+  redis.call('HDEL', KEYS[3], tid)
+end
+return found
+"""
+
+
 class _Retry(Retry):
     """Retry connection blips, but not a refused password: redis-py counts an
     authentication failure as a ConnectionError and would back off for a minute."""
@@ -179,6 +197,7 @@ class RedisQueue(Queue):
         self._ack = self.r.register_script(_ACK)
         self._settle = self.r.register_script(_SETTLE)
         self._requeue = self.r.register_script(_REQUEUE_DEAD)
+        self._discard = self.r.register_script(_DISCARD)
 
     def _k(self, run_id: str, stage: str, name: str) -> str:
         return f"{self.cfg.namespace}:{run_id}:{stage}:{name}"
@@ -286,3 +305,10 @@ class RedisQueue(Queue):
     def requeue_dead(self, run_id: str, stage: str) -> int:
         keys = self._keys(run_id, stage, "stream", "live", "dead", "attempts")
         return int(self._requeue(keys=keys))
+
+    def discard(self, run_id: str, stage: str, task_ids: list[str]) -> int:
+        keys = self._keys(run_id, stage, "stream", "live", "attempts")
+        found = 0
+        for i in range(0, len(task_ids), 500):
+            found += int(self._discard(keys=keys, args=[GROUP, *task_ids[i : i + 500]]))
+        return found
