@@ -10,21 +10,22 @@ PYTEST_ARGS ?=
 # sudo only when not root and sudo exists
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: .venv venv deps-servers test lint demo bench chart-schema clean distclean
+.PHONY: .venv venv deps-servers test lint demo bench chart-schema constraints clean distclean
 
 .venv venv: $(VENV)/.installed
 
 # torch first, pinned: the CPU wheel comes from local disk; a plain `torch`
 # requirement from the model extra would otherwise pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# Everything installs within constraints.txt: the versions CI tested.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		echo "installing python3-venv with apt-get"; \
 		$(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends python3-venv; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e '.[model,kubernetes,dev]'
+	$(PIP) install -c constraints.txt torch==$(TORCH_VERSION)
+	$(PIP) install -c constraints.txt -e '.[model,kubernetes,dev]'
 	$(PY) tools/get_helm.py --dest $(VENV)/bin
 	touch $@
 
@@ -46,19 +47,18 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check services tests bench tools charts/mia-dpo/hack
 	$(VENV)/bin/helm lint --strict charts/mia-dpo
 
+# synthetic data -> base model (cached) -> every stage -> report, contact sheet, table
 demo: $(VENV)/.installed
-	$(VENV)/bin/mia-dpo synth --out .demo/source --n 1200 --seed 0
-	$(VENV)/bin/mia-dpo base-model --out .demo/base --seed 0
-	$(VENV)/bin/mia-dpo run configs/demo.yaml --run-id demo
-	$(VENV)/bin/mia-dpo report --run-id demo --config configs/demo.yaml --out .demo/report.html
-	$(VENV)/bin/mia-dpo contact-sheet --run-id demo --config configs/demo.yaml --out .demo/contact-sheet.png
-	$(VENV)/bin/mia-dpo status demo --config configs/demo.yaml
-	cat .demo/store/runs/demo/evaluate/report.md
+	$(VENV)/bin/mia-dpo demo --dir .demo
 
-# values.schema.json embeds the run config's JSON schema: regenerate after config.py changes
+# values.schema.json embeds the run config's JSON schema: regenerate after config/ changes
 # (tests/chart fails with this command when it is stale).
 chart-schema: $(VENV)/.installed
 	$(PY) charts/mia-dpo/hack/gen_schema.py
+
+# Re-pin constraints.txt to this venv (after an upgrade that passed the tests).
+constraints: $(VENV)/.installed
+	$(PY) tools/constraints.py --write
 
 bench: $(VENV)/.installed
 	$(PY) bench/augment.py

@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers
 
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller, plan_run, store_run_config
-from mia_dpo.data.source import decode_image
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.data.images import decode_image
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.runtime import layout
-from mia_dpo.runtime.queue import open_queue
+from mia_dpo.runtime.queue_factory import open_queue
 from mia_dpo.runtime.store import BlobReader, LocalStore
+from mia_dpo.stages import get_stage
 from tests.servers import RedisServer
 
 
@@ -45,7 +46,7 @@ def run_variant(tmp: Path, src: Path, name: str, overrides: dict) -> tuple[float
     }
     cfg = load_config(None, overrides={**base, **overrides}, environ={})
     store = LocalStore(cfg.store.root)
-    ctl = Controller(cfg, "bench", store, open_queue(cfg.queue), progress=False)
+    ctl = Controller(cfg, "bench", store, open_queue(cfg.queue), stages=get_stage, progress=False)
     store_run_config(store, cfg, "bench")
     plan = plan_run(store, BlobReader(cfg.store), cfg, "bench")
     t0 = time.perf_counter()

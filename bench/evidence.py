@@ -27,11 +27,12 @@ from typing import Any
 
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller
-from mia_dpo.data.synthetic import write_synthetic
-from mia_dpo.models.base import ensure_base_model
+from mia_dpo.demo.base_model import ensure_base_model
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import LocalStore
+from mia_dpo.stages import get_stage
 
 # The tiny model's recipe: the paper's values where they transfer (beta, sigmoid loss,
 # linear schedule, warm-up 0.1), sizes and rates scaled to a 1M-parameter model.
@@ -82,7 +83,7 @@ def run_variant(
             cfg.model_copy(update={"run_id": run_id}).model_dump(mode="json"),
         )
     t0 = time.perf_counter()
-    Controller(cfg, run_id, store, MemoryQueue(cfg.queue), progress=False).run()
+    Controller(cfg, run_id, store, MemoryQueue(cfg.queue), stages=get_stage, progress=False).run()
     report = store.get_json(layout.stage_prefix(run_id, "evaluate") + "report.json")
     return {"run_id": run_id, "seconds": time.perf_counter() - t0, "report": report}
 

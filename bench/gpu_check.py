@@ -20,13 +20,14 @@ import torch
 
 from mia_dpo.config import ModelConfig, load_config
 from mia_dpo.controller import Controller
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
+from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.attention import capture_layer_attention
 from mia_dpo.models.loading import load_model
 from mia_dpo.models.prompting import chat_text
-from mia_dpo.models.tiny import build_tiny_model
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import LocalStore
+from mia_dpo.stages import get_stage
 
 
 def probe_vs_eager(model_dir: Path, dtype: str, src: Path, device: str = "cuda") -> float:
@@ -65,7 +66,7 @@ def pipeline(tmp: Path, src: Path, model_dir: Path) -> None:
     })  # fmt: skip
     t0 = time.perf_counter()
     outcomes = Controller(cfg, "gpu", LocalStore(cfg.store.root), MemoryQueue(cfg.queue),
-                          progress=False).run()  # fmt: skip
+                          stages=get_stage, progress=False).run()  # fmt: skip
     seconds = time.perf_counter() - t0
     for o in outcomes:
         print(f"  {o.stage}: kept {o.stats.kept} of {o.stats.total}, "

@@ -8,8 +8,8 @@ config, opens the stage, enqueues N tasks with RedisQueue.enqueue, starts the wo
 PROCESSES, waits until every task has its marker in the store, then closes the stage.
 Each worker process is the runtime's own `Worker` (claim through the Lua script, skip
 if marked, heartbeat thread, stage, marker, ack) on a LocalStore; the only substitute
-is the stage function: a trivial one, registered in the stage registry
-(`mia_dpo.stages.base._STAGES`) of the worker process, that writes a one-line result.
+is the stage function: a trivial one, handed to the Worker as its `stage_fn`, that
+writes a one-line result.
 
 Checked afterwards: every task ran once, was acked once (the ack script answered
 'ok'), and has one marker; nothing is lost, duplicated or dead-lettered; the stream,
@@ -171,17 +171,14 @@ def worker_main(argv: list[str]) -> int:
     requests = _count_redis_requests()
     from mia_dpo.runtime.store import LocalStore
     from mia_dpo.runtime.worker import Worker
-    from mia_dpo.stages import base
 
-    base._STAGES[STAGE] = f"{__name__}:noop_shard"  # this process's registry only
     cfg = _config(args.redis_url, args.store, args.lease_seconds)
     _exec_log = open(args.logs / f"exec-{args.index}.log", "a", encoding="utf-8")  # noqa: SIM115
     ack_log = open(args.logs / f"ack-{args.index}.log", "a", encoding="utf-8")  # noqa: SIM115
     queue = _counting_queue(cfg.queue, ack_log)
     worker = Worker(cfg, args.run_id, STAGE, LocalStore(args.store), queue,
-                    consumer=f"load-{args.index}-{os.getpid()}")  # fmt: skip
+                    stage_fn=noop_shard, consumer=f"load-{args.index}-{os.getpid()}")  # fmt: skip
     worker._context()  # read the stored run config now, not on the clock
-    base.get_stage(STAGE)
     requests.update(requests=0, commands=0)
     queue.calls.clear()
     print(json.dumps({"ready": os.getpid()}), flush=True)

@@ -51,11 +51,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mia_dpo.config import ModelConfig
+from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.attention import capture_layer_attention
 from mia_dpo.models.loading import LoadedModel, load_model
 from mia_dpo.models.prompting import chat_text
-from mia_dpo.models.tiny import build_tiny_model
-from mia_dpo.stages.augment.prompts import sequence_prompt
+from mia_dpo.prompts import sequence_prompt
 
 VARIANTS = {
     "a": "(a) plain forward, sdpa",

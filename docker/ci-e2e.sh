@@ -309,7 +309,7 @@ compose run --rm --no-deps -T -v "$ROOT/docker/ci/check-store.py:/tmp/check-stor
   controller python /tmp/check-store.py
 # shellcheck disable=SC2016 # expanded by the container's shell
 compose run --rm --no-deps -T controller sh -ec '
-  mia-dpo status "$MIA_DPO_RUN_ID" --config /config/compose.yaml
+  mia-dpo status --run-id "$MIA_DPO_RUN_ID" --config /config/compose.yaml
   mia-dpo report --run-id "$MIA_DPO_RUN_ID" --config /config/compose.yaml --out /tmp/report.html
   test -s /tmp/report.html'
 

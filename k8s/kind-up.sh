@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # mia-dpo on kind: create the cluster (k8s/kind-config.yaml), build the light and GPU
 # images for the CPU, load them (and the bundled Redis and MinIO images) into the nodes,
-# and install the chart with k8s/values-kind.yaml. Rerunning it rebuilds the images and
-# reinstalls the release, which starts the run again (finished stages are skipped only
+# and install the chart with charts/mia-dpo/ci/kind-values.yaml (the chart's kind CI
+# scenario, so the values we lint are the values we install). Rerunning it rebuilds the
+# images and reinstalls the release, which starts the run again (finished stages are skipped only
 # while the bundled MinIO keeps its data, i.e. not after a reinstall).
 #
 #   k8s/kind-up.sh                 # everything
@@ -22,7 +23,7 @@ CONTEXT="kind-${CLUSTER}"
 # The chart's resource-name prefix (its fullname helper): the release name, plus
 # "-mia-dpo" unless it already contains it.
 if [[ "${RELEASE}" == *mia-dpo* ]]; then FULLNAME="${RELEASE}"; else FULLNAME="${RELEASE}-mia-dpo"; fi
-VALUES="${ROOT}/k8s/values-kind.yaml"
+VALUES="${ROOT}/charts/mia-dpo/ci/kind-values.yaml"
 CHART="${ROOT}/charts/mia-dpo"
 
 BUILD=1

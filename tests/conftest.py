@@ -77,6 +77,6 @@ def s3_bucket(s3_server: SeaweedS3) -> Iterator[dict[str, str]]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A save_pretrained directory of the tiny LLaVA (seed 0, default sizes), built
     once per session. Read-only: tests that alter a model directory copy it first."""
-    from mia_dpo.models.tiny import build_tiny_model
+    from mia_dpo.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llava") / "model", seed=0)

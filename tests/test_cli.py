@@ -122,7 +122,7 @@ def test_worker_needs_redis(done_run: Path) -> None:
 
 
 def test_status_of_unknown_run(done_run: Path) -> None:
-    line = error_line(mia("status", "no-such-run", "--config", done_run))
+    line = error_line(mia("status", "--run-id", "no-such-run", "--config", done_run))
     assert "no-such-run" in line and "not found" in line
 
 
@@ -157,7 +157,7 @@ def test_status_after_run(done_run: Path) -> None:
     plan = json.loads((root / "runs" / RUN_ID / "plan" / "plan.json").read_text())
     assert plan["n_shards"] == 3  # 12 samples, 5 per shard
 
-    proc = mia("status", RUN_ID, "--config", done_run)
+    proc = mia("status", "--run-id", RUN_ID, "--config", done_run)
     assert proc.returncode == 0, proc.stderr
     assert f"run {RUN_ID}: 12 input records" in proc.stdout
     row = [ln for ln in proc.stdout.splitlines() if ln.startswith("augment ")]
@@ -165,7 +165,7 @@ def test_status_after_run(done_run: Path) -> None:
     n = plan["n_shards"]
     assert re.match(rf"augment\s+done\s+{n}/{n}\s+0\s+0\s+0\s+12\s+0$", row[0]), row[0]
 
-    proc = mia("status", RUN_ID, "--config", done_run, "--json")
+    proc = mia("status", "--run-id", RUN_ID, "--config", done_run, "--json")
     assert proc.returncode == 0, proc.stderr
     st = json.loads(proc.stdout)
     assert st["run_id"] == RUN_ID and st["n_records"] == 12
@@ -205,3 +205,55 @@ def test_evaluate_without_holdout_is_refused_before_any_work(tmp_path: Path) -> 
     assert lines[-1].startswith("mia-dpo: error: input.holdout_fraction:")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "store" / "runs" / "noeval").exists()  # nothing was written
+
+
+# --------------------------------------------------------------------------- conventions
+
+
+def test_old_positional_run_id_still_works_with_a_deprecation_line(done_run: Path) -> None:
+    proc = mia("status", RUN_ID, "--config", done_run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["run_id"] == RUN_ID
+    (line,) = [ln for ln in proc.stderr.splitlines() if "deprecated" in ln]
+    assert f"status --run-id {RUN_ID}" in line
+    clash = mia("status", RUN_ID, "--run-id", "other", "--config", done_run)
+    assert "two run ids" in error_line(clash, only_line=False)
+
+
+def test_a_run_id_is_required_where_nothing_can_supply_one(done_run: Path) -> None:
+    line = error_line(mia("status", "--config", done_run))
+    assert "--run-id is required" in line
+
+
+def test_run_and_retry_speak_json(done_run: Path) -> None:
+    proc = mia("run", done_run, "--run-id", RUN_ID, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["run_id"] == RUN_ID and out["plan"]["total"] == 12
+    (stage,) = out["stages"]
+    assert stage["stage"] == "augment" and stage["skipped"] and stage["kept"] == 12
+    proc = mia("retry", "--run-id", RUN_ID, "--dead", "--config", done_run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["run_id"] == RUN_ID and plan["requeued"] == {}
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Without torch (blocked at import), model commands name the extra to install."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mia_dpo.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIA_DPO_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "tiny-model", "--out", str(tmp_path / "m")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    line = error_line(proc)
+    assert "pip install 'mia-dpo[model]'" in line and "torch" in line

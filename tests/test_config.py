@@ -44,7 +44,7 @@ def test_defaults_are_the_papers_constants() -> None:
     assert cfg.store.backend == "local"
     assert cfg.stages == ["augment", "generate", "score", "select", "train", "evaluate"]
     assert cfg.seed == 0
-    # method.md 2-4
+    # docs/method.md §2-§4
     assert cfg.generate.max_new_tokens == 512 and cfg.generate.temperature == 0.0
     assert cfg.generate.num_samples == 1 and cfg.generate.noise is False
     assert (cfg.generate.noise_sigma_grid, cfg.generate.noise_sigma_pip) == (225.0, 49.0)
@@ -57,7 +57,7 @@ def test_defaults_are_the_papers_constants() -> None:
     assert cfg.select.iqr_multiplier == 1.5
     assert cfg.select.metrics == ["ppl", "length_ratio", "edit_distance"]
     assert cfg.model.allow_pickle is False and cfg.model.trust_remote_code is False
-    # method.md 5
+    # docs/method.md §5
     t = cfg.train
     assert (t.method, t.loss_type, t.beta, t.sft_weight) == ("dpo", "sigmoid", 0.1, 0.0)
     assert (t.lora_r, t.lora_alpha, t.lora_dropout) == (128, 256, 0.05)

@@ -14,9 +14,10 @@ from PIL import Image, ImageDraw
 from mia_dpo.config import RunConfig, StoreConfig
 from mia_dpo.records import AugmentedSample, Response, ScoredResponse, Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import StageContext
+from mia_dpo.runtime.layout import trl_pairs_key
 from mia_dpo.runtime.store import BlobReader, LocalStore
-from mia_dpo.stages.base import StageContext
-from mia_dpo.stages.select import run_shard, trl_pairs_key
+from mia_dpo.stages.select import run_shard
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220)}
 

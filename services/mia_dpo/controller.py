@@ -23,7 +23,9 @@ from mia_dpo.data.source import parse_sample, read_index
 from mia_dpo.errors import NotFound, SampleError, UserError
 from mia_dpo.records import MODEL_STAGES, SINGLE_TASK_STAGES, STAGE_ORDER, ShardStats, Task
 from mia_dpo.runtime import layout
-from mia_dpo.runtime.launchers import Launcher, LaunchError, make_launcher
+from mia_dpo.runtime.context import StageResolver
+from mia_dpo.runtime.launcher_factory import make_launcher
+from mia_dpo.runtime.launchers import Launcher, LaunchError
 from mia_dpo.runtime.progress import Progress
 from mia_dpo.runtime.queue import Queue
 from mia_dpo.runtime.store import BlobReader, Store
@@ -153,7 +155,7 @@ def plan_run(store: Store, blobs: BlobReader, cfg: RunConfig, run_id: str) -> Pl
     for i in range(n_shards):
         store.put_jsonl(layout.shard_key(run_id, "plan", i), rows[i * size : (i + 1) * size])
     store.put_jsonl(
-        f"runs/{run_id}/plan/problems.jsonl",
+        layout.problems_key(run_id),
         [json.dumps({"line": ln, "reason": r, "detail": d}) for ln, r, d in problems],
     )
     store.put_json(layout.pools_key(run_id), pools)
@@ -179,11 +181,15 @@ class Controller:
         run_id: str,
         store: Store,
         queue: Queue,
+        *,
+        stages: StageResolver,
         launcher: Launcher | None = None,
         progress: bool = True,
     ) -> None:
+        """`stages` maps a stage name to its function (for workers this process runs);
+        the composition root (the CLI) hands it in, so the controller imports no stage."""
         self.cfg, self.run_id, self.store, self.queue = cfg, run_id, store, queue
-        self.launcher = launcher or make_launcher(cfg, store, queue)
+        self.launcher = launcher or make_launcher(cfg, store, queue, stages)
         self.show_progress = progress
 
     def run(self) -> list[StageOutcome]:
@@ -321,7 +327,8 @@ class Controller:
             raise RunFailed(
                 f"stage {stage}: {len(dead)} of {n_shards} shards dead-lettered "
                 f"(failure budget allows {allowed}); first error: {first}. "
-                f"See `mia-dpo status {run_id}`; fix and rerun the same --run-id to retry them."
+                f"See `mia-dpo status --run-id {run_id}`; fix and rerun the same --run-id "
+                "to retry them."
             )
         store.put_json(
             layout.stage_done_key(run_id, stage), {"at": time.time(), "dead_shards": dead}

@@ -1,5 +1,5 @@
 """Scoring models on the held-out benchmark: greedy answers, normalised exact match,
-accuracy per cell, and the before / after report (method.md section 6, on our data).
+accuracy per cell, and the before / after report (docs/method.md §6, on our data).
 
 Apart from the stage, so an evidence script can score any adapter on the items a
 run already built: `read_items` -> `evaluate_models` -> `format_report`.
@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,12 +18,13 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from mia_dpo.answers import same_answer
 from mia_dpo.config import GRID_COUNTS, SEQUENCE_COUNTS, ModelConfig, RunConfig
+from mia_dpo.data.images import pad_to_square
 from mia_dpo.errors import UserError
-from mia_dpo.models.loading import LoadedModel, load_model
+from mia_dpo.models.loading import LoadedModel, load_model, pad_fill
 from mia_dpo.models.prompting import chat_text
 from mia_dpo.records import Record
-from mia_dpo.stages.model_inputs import pad_fill, pad_to_square
 
 EvalFormat = Literal["sequence", "grid", "pic_in_pic", "single"]
 ImagesLoader = Callable[["EvalItem"], list[Image.Image]]
@@ -91,18 +90,9 @@ class EvalReport(Record):
 
 # --- scoring ------------------------------------------------------------------------
 
-_LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation removed, spaces collapsed, a leading a/an/the dropped:
-    'The red.' and 'red' are the same answer, 'A' (an option letter) stays 'a'."""
-    text = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
-    return _LEADING_ARTICLE.sub("", " ".join(text.split()))
-
 
 def is_correct(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
+    return same_answer(prediction, answer)
 
 
 def cells_of(item: EvalItem) -> list[str]:

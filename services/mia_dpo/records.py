@@ -134,7 +134,7 @@ class ScoredResponse(Record):
     response_index: int = Field(ge=0, description="Index in GeneratedSample.responses.")
     response: Response
     layer: int = Field(description="Decoder layer read (0-based).")
-    ratio: float | None = Field(description="Attention ratio on the target (method.md 3).")
+    ratio: float | None = Field(description="Attention ratio on the target (docs/method.md §3).")
     image_shares: list[float] = Field(
         default_factory=list,
         description="Share of attention per picture (sequence: per image; grid: per tile).",

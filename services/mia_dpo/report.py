@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from mia_dpo.config import RunConfig
-from mia_dpo.data.source import decode_image
+from mia_dpo.data.images import decode_image
 from mia_dpo.records import FORMATS, AugmentedSample
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.store import BlobReader, Store

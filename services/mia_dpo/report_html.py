@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mia_dpo.data.source import decode_image
+from mia_dpo.data.images import decode_image
 from mia_dpo.errors import NotFound
 from mia_dpo.records import FORMATS, STAGE_ORDER, ScoredResponse, ShardStats
 from mia_dpo.runtime import layout
@@ -144,7 +144,7 @@ def write_report(
             parts.append("<p>(no pair of this format)</p>")
     parts.append("<h2>Training</h2>")
     try:
-        meta = store.get_json(layout.stage_prefix(run_id, "train") + "metadata.json")
+        meta = store.get_json(layout.train_metadata_key(layout.train_prefix(run_id)))
         parts.append(_loss_svg(meta.get("log_history", [])))
         summary = {k: meta[k] for k in ("method", "steps", "train_loss") if k in meta}
         parts.append(f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>")
@@ -152,7 +152,7 @@ def write_report(
         parts.append("<p>(not trained yet)</p>")
     parts.append("<h2>Evaluation (held-out questions, exact match)</h2>")
     try:
-        table = store.get_text(layout.stage_prefix(run_id, "evaluate") + "report.md")
+        table = store.get_text(layout.evaluate_key(run_id, "report.md"))
         parts.append(f"<pre>{html.escape(table)}</pre>")
     except NotFound:
         parts.append("<p>(not evaluated yet)</p>")

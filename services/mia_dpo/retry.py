@@ -1,4 +1,4 @@
-"""`mia-dpo retry RUN_ID --dead`: give dead-lettered tasks another chance after a fix.
+"""`mia-dpo retry --run-id RUN_ID --dead`: give dead-lettered tasks another chance after a fix.
 
 A stage that ended within its failure budget is marked done with its dead shards
 left out, and so is everything downstream of it. Retrying therefore does three

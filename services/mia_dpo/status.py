@@ -1,4 +1,4 @@
-"""`mia-dpo status RUN_ID`: where a run stands, read from the store and the queue."""
+"""`mia-dpo status --run-id RUN_ID`: where a run stands, read from the store and the queue."""
 
 from __future__ import annotations
 

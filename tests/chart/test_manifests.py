@@ -407,7 +407,7 @@ def test_notes(tmp_path: Path) -> None:
         "kubectl -n mia get jobs -l app.kubernetes.io/instance=mia-dpo",
         "kubectl -n mia logs -f job/mia-dpo-controller",
         "mia-dpo.io/stage=generate",
-        "mia-dpo status multi-gpu --config /etc/mia-dpo/config.yaml",
+        "mia-dpo status --run-id multi-gpu --config /etc/mia-dpo/config.yaml",
         "helm test mia-dpo",
         "mia-dpo-train-0.mia-dpo-train:29500",
     ):

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageFile
 from pydantic import ValidationError
 
+from mia_dpo.data.images import decode_image
 from mia_dpo.data.source import (
     SourceSample,
-    decode_image,
     parse_sample,
     read_index,
     resolve_image,

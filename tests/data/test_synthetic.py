@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mia_dpo.data.source import decode_image, parse_sample, read_index, resolve_image
-from mia_dpo.data.synthetic import COLOURS, COUNT_WORDS, SHAPES, write_synthetic
+from mia_dpo.data.images import decode_image
+from mia_dpo.data.source import parse_sample, read_index, resolve_image
+from mia_dpo.demo.synthetic import COLOURS, COUNT_WORDS, SHAPES, write_synthetic
 from mia_dpo.errors import UserError
 
 N = 24

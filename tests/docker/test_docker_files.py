@@ -99,7 +99,7 @@ class Block:
         if name.split(".")[0] in ("torch", "transformers", "peft", "trl", "datasets"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-from mia_dpo.stages.base import get_stage
+from mia_dpo.stages import get_stage
 import mia_dpo.cli, mia_dpo.controller, mia_dpo.runtime.worker, mia_dpo.status
 get_stage({stage!r})
 """

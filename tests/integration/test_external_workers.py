@@ -13,11 +13,12 @@ import redis
 
 from mia_dpo.config import RunConfig
 from mia_dpo.controller import Controller, RunFailed, plan_run
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.runtime import layout
-from mia_dpo.runtime.queue import open_queue
+from mia_dpo.runtime.queue_factory import open_queue
 from mia_dpo.runtime.store import BlobReader, LocalStore
 from mia_dpo.runtime.worker import Worker
+from mia_dpo.stages import get_stage
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def config(tmp: Path, redis_url: str, stages: list[str]) -> RunConfig:
 
 
 def external_worker(cfg: RunConfig, run_id: str, stage: str, store: LocalStore) -> threading.Thread:
-    worker = Worker(cfg, run_id, stage, store, open_queue(cfg.queue))
+    worker = Worker(cfg, run_id, stage, store, open_queue(cfg.queue), stage_fn=get_stage(stage))
     t = threading.Thread(target=worker.run, daemon=True)
     t.start()
     return t
@@ -45,12 +46,14 @@ def external_worker(cfg: RunConfig, run_id: str, stage: str, store: LocalStore) 
 def test_a_done_stage_is_closed_even_if_redis_forgot_it(tmp_path: Path, redis_url: str) -> None:
     cfg = config(tmp_path, redis_url, ["augment"])
     store = LocalStore(tmp_path / "store")
-    Controller(cfg, "ext", store, open_queue(cfg.queue), progress=False).run()
+    Controller(cfg, "ext", store, open_queue(cfg.queue), stages=get_stage, progress=False).run()
     redis.Redis.from_url(redis_url).flushall()  # Redis restarted without its data
     waiting = external_worker(cfg, "ext", "augment", store)
     waiting.join(0.5)
     assert waiting.is_alive()  # nothing tells it the stage is over yet
-    (outcome,) = Controller(cfg, "ext", store, open_queue(cfg.queue), progress=False).run()
+    (outcome,) = Controller(
+        cfg, "ext", store, open_queue(cfg.queue), stages=get_stage, progress=False
+    ).run()
     assert outcome.skipped
     waiting.join(30)
     assert not waiting.is_alive()
@@ -63,7 +66,9 @@ def test_stages_a_failed_run_will_not_reach_are_closed(tmp_path: Path, redis_url
     store.put_bytes(layout.shard_key("fail", "plan", 1), b"{poison\n")
     later = [external_worker(cfg, "fail", s, store) for s in ("generate", "score")]
     with pytest.raises(RunFailed, match="stage augment: 1 of 3 shards dead-lettered"):
-        Controller(cfg, "fail", store, open_queue(cfg.queue), progress=False).run()
+        Controller(
+            cfg, "fail", store, open_queue(cfg.queue), stages=get_stage, progress=False
+        ).run()
     for t in later:
         t.join(30)
         assert not t.is_alive()
@@ -82,7 +87,7 @@ def test_tasks_the_queue_lost_are_offered_again(
     doc = config(tmp_path, redis_url, ["augment"]).model_dump(mode="json")
     cfg = RunConfig.model_validate(doc | {"launcher": {"kind": "external"}})
     store = LocalStore(tmp_path / "store")
-    ctl = Controller(cfg, "heal", store, open_queue(cfg.queue), progress=False)
+    ctl = Controller(cfg, "heal", store, open_queue(cfg.queue), stages=get_stage, progress=False)
     run = threading.Thread(target=ctl.run, daemon=True)
     run.start()
     r = redis.Redis.from_url(redis_url)

@@ -16,9 +16,10 @@ import yaml
 
 from mia_dpo.config import StoreConfig, load_config
 from mia_dpo.controller import Controller
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import LocalStore, S3Store
+from mia_dpo.stages import get_stage
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,9 @@ def test_distributed_pairs_equal_embedded(tmp_path, source, tiny_model_dir, s3_b
     emb_path.write_text(yaml.safe_dump(emb))
     cfg = load_config(emb_path, environ={})
     store = LocalStore(cfg.store.root)
-    outcomes = Controller(cfg, "pairs", store, MemoryQueue(cfg.queue), progress=False).run()
+    outcomes = Controller(
+        cfg, "pairs", store, MemoryQueue(cfg.queue), stages=get_stage, progress=False
+    ).run()
     assert [o.stage for o in outcomes] == COMMON["stages"]
     scored = outcomes[2].stats
     augmented = outcomes[0].stats.kept  # 20 % held out; a 9-image grid can lack distractors

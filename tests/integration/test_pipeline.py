@@ -18,10 +18,11 @@ import yaml
 
 from mia_dpo.config import StoreConfig, load_config
 from mia_dpo.controller import Controller, plan_run
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import BlobReader, LocalStore, S3Store
+from mia_dpo.stages import get_stage
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +115,7 @@ def embedded_records(tmp: Path, src: Path, **augment) -> list[dict]:
     }  # fmt: skip
     cfg = load_config(None, overrides=overrides, environ={})
     store = LocalStore(cfg.store.root)
-    Controller(cfg, "ref", store, MemoryQueue(cfg.queue), progress=False).run()
+    Controller(cfg, "ref", store, MemoryQueue(cfg.queue), stages=get_stage, progress=False).run()
     return records(store, BlobReader(cfg.store), "ref", N_SAMPLES // SHARD)
 
 
@@ -202,11 +203,13 @@ def test_poison_shard_is_dead_lettered_and_status_shows_it(tmp_path, source, s3_
     # the other shards all finished
     for i in range(8):
         assert store.exists(layout.marker_key("poison", "augment", i)) == (i != 2)
-    status = mia("status", "poison", "--config", str(cfg_path), env=env).stdout
+    status = mia("status", "--run-id", "poison", "--config", str(cfg_path), env=env).stdout
     assert "dead letter poison/augment/00002 after 3 attempts: JSONDecodeError" in status
     row = next(line for line in status.splitlines() if line.startswith("augment"))
     assert row.split()[1:3] == ["failed", "7/8"]
-    st = json.loads(mia("status", "poison", "--config", str(cfg_path), "--json", env=env).stdout)
+    st = json.loads(
+        mia("status", "--run-id", "poison", "--config", str(cfg_path), "--json", env=env).stdout
+    )
     assert st["stages"][0]["dead"][0]["traceback"].startswith("Traceback")
 
     # After the fix, rerunning the same id retries the dead shard and completes the run.
@@ -217,4 +220,4 @@ def test_poison_shard_is_dead_lettered_and_status_shows_it(tmp_path, source, s3_
     )
     mia("run", str(cfg_path), "--run-id", "poison", env=env)
     assert store.exists(layout.stage_done_key("poison", "augment"))
-    assert "done" in mia("status", "poison", "--config", str(cfg_path), env=env).stdout
+    assert "done" in mia("status", "--run-id", "poison", "--config", str(cfg_path), env=env).stdout

@@ -49,16 +49,16 @@ def test_retry_dead_processes_a_shard_the_budget_let_through(
     mia("run", str(cfg_path), "--run-id", "budget", env=env)
     assert not store.exists(layout.marker_key("budget", "augment", 2))
     # ... retry reopens it
-    out = mia("retry", "budget", "--dead", "--config", str(cfg_path), env=env).stdout
+    out = mia("retry", "--run-id", "budget", "--dead", "--config", str(cfg_path), env=env).stdout
     assert "augment: 1 dead task(s) requeued with fresh attempts: budget/augment/00002" in out
     assert f"mia-dpo run {cfg_path} --run-id budget" in out
     assert not store.exists(layout.stage_done_key("budget", "augment"))
     mia("run", str(cfg_path), "--run-id", "budget", env=env)
     assert all(store.exists(layout.marker_key("budget", "augment", i)) for i in range(8))
-    status = mia("status", "budget", "--config", str(cfg_path), env=env).stdout
+    status = mia("status", "--run-id", "budget", "--config", str(cfg_path), env=env).stdout
     assert "dead letter" not in status
-    assert "nothing to retry" in mia("retry", "budget", "--dead", "--config", str(cfg_path),
-                                     env=env).stdout  # fmt: skip
+    again = mia("retry", "--run-id", "budget", "--dead", "--config", str(cfg_path), env=env)
+    assert "nothing to retry" in again.stdout
 
 
 def test_retry_reopens_the_dead_stage_and_everything_after_it(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from tests.integration.test_pairs_pipeline import COMMON
 from tests.servers import RedisServer
 
@@ -71,9 +71,9 @@ def test_no_credential_in_logs_stats_reports_or_the_store(
         outputs.append(run("run", str(bad_path), "--run-id", "sec-bad", env=env))
         assert outputs[-1].returncode != 0
         for args in (
-            ("status", "sec", "--config", str(cfg_path)),
-            ("status", "sec-bad", "--config", str(bad_path), "--json"),
-            ("retry", "sec-bad", "--dead", "--config", str(bad_path)),
+            ("status", "--run-id", "sec", "--config", str(cfg_path)),
+            ("status", "--run-id", "sec-bad", "--config", str(bad_path), "--json"),
+            ("retry", "--run-id", "sec-bad", "--dead", "--config", str(bad_path)),
             ("report", "--run-id", "sec", "--config", str(cfg_path), "--out",
              str(tmp_path / "report.html")),
         ):  # fmt: skip

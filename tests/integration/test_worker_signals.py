@@ -16,13 +16,14 @@ import pytest
 import redis
 import yaml
 
-from mia_dpo.cli import EXIT_STOPPED
+from mia_dpo.cli.pipeline import EXIT_STOPPED
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.runtime import layout
-from mia_dpo.runtime.queue import open_queue
+from mia_dpo.runtime.queue_factory import open_queue
 from mia_dpo.runtime.store import LocalStore
+from mia_dpo.stages import get_stage
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +48,9 @@ def setup_run(tmp: Path, redis_url: str, run_id: str) -> tuple[Path, Controller,
     path.write_text(yaml.safe_dump(cfg))
     run_cfg = load_config(path, environ={})
     ctl = Controller(
-        run_cfg, run_id, LocalStore(tmp / "store"), open_queue(run_cfg.queue), progress=False
-    )
+        run_cfg, run_id, LocalStore(tmp / "store"), open_queue(run_cfg.queue),
+        stages=get_stage, progress=False,
+    )  # fmt: skip
     thread = threading.Thread(target=ctl.run, daemon=True)
     thread.start()
     return path, ctl, thread

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from tests.k8s.emulator import KubeEmulator
 from tests.k8s.kubelet import KubeletStandIn
 from tests.servers import RedisServer
@@ -76,7 +76,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def chart_values(
     run_id: str, source: Path, model: Path, redis: RedisServer, s3: dict[str, str]
 ) -> dict[str, Any]:
-    # Sizes as in configs/demo.yaml, scaled to 100 samples; the rest is the chart's.
+    # Sizes as in the demo config (mia_dpo/demo/demo.yaml), scaled to 100 samples;
+    # the rest is the chart's.
     return {
         "run": {"id": run_id},
         "config": {

@@ -21,7 +21,9 @@ from mia_dpo.runtime.k8s_launcher import (
     load_job_template,
     render_job,
 )
-from mia_dpo.runtime.launchers import LaunchError, make_launcher
+from mia_dpo.runtime.launcher_factory import make_launcher
+from mia_dpo.runtime.launchers import LaunchError
+from mia_dpo.stages import get_stage
 from tests.k8s.emulator import KubeEmulator
 from tests.k8s.kubelet import KubeletStandIn
 
@@ -141,7 +143,7 @@ def test_bad_templates_are_named_in_one_line(tmp_path: Path, content: str, messa
 
 
 def test_make_launcher_picks_kubernetes(tmp_path: Path) -> None:
-    launcher = make_launcher(make_cfg(tmp_path, namespace="x"), None, None)  # type: ignore[arg-type]
+    launcher = make_launcher(make_cfg(tmp_path, namespace="x"), None, None, get_stage)  # type: ignore[arg-type]
     assert isinstance(launcher, KubernetesLauncher)
     assert launcher.namespace == "x"
 

@@ -18,8 +18,8 @@ from transformers import AutoProcessor
 
 from mia_dpo import __version__
 from mia_dpo.config import ModelConfig
-from mia_dpo.models import base
-from mia_dpo.models.base import (
+from mia_dpo.demo import base_model as base
+from mia_dpo.demo.base_model import (
     CELLS,
     BaseModelReport,
     collate,
@@ -29,10 +29,10 @@ from mia_dpo.models.base import (
     sample_example,
     train_base_model,
 )
+from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.loading import load_model
 from mia_dpo.models.prompting import answer_messages, prompt_messages
-from mia_dpo.models.tiny import build_tiny_model
-from mia_dpo.stages.augment.prompts import sequence_prompt
+from mia_dpo.prompts import sequence_prompt
 
 FAST: dict[str, Any] = {"seed": 0, "steps": 40, "batch_size": 8, "n_train": 60, "eval_per_cell": 6}
 

@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, LlavaNextConfig
 
 from mia_dpo.config import ModelConfig
+from mia_dpo.demo.tiny import IMAGE_TOKEN_ID
 from mia_dpo.errors import UserError
+from mia_dpo.models.attention import decoder_layers
 from mia_dpo.models.loading import LoadedModel, image_spans, image_token_layout, load_model
 from mia_dpo.models.prompting import chat_text
-from mia_dpo.models.tiny import IMAGE_TOKEN_ID
-from mia_dpo.stages.augment.prompts import grid_prompt, sequence_prompt
+from mia_dpo.prompts import grid_prompt, sequence_prompt
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def test_tiny_model_loads_like_a_real_one(lm: LoadedModel, tiny_model_dir: Path)
     assert lm.tokens_per_image == 64
     assert lm.patch_grid == (8, 8)
     assert lm.num_layers == 4
-    assert len(lm.language_layers()) == 4
-    assert lm.language_layers() is lm.model.model.language_model.layers
+    assert lm.num_layers == len(decoder_layers(lm.model)) == 4
+    assert decoder_layers(lm.model) is lm.model.model.language_model.layers
     assert lm.device == torch.device("cpu")
     assert lm.dtype == torch.float32
     assert next(lm.model.parameters()).dtype == torch.float32

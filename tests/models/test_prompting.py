@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoProcessor
 
 from mia_dpo.models.prompting import answer_messages, chat_text, prompt_messages, user_content
-from mia_dpo.stages.augment.prompts import (
+from mia_dpo.prompts import (
     DEFAULT_PIP_PHRASINGS,
     grid_prompt,
     pip_prompt,

@@ -1,4 +1,4 @@
-"""Attention ratios and the rejection rule (method.md section 3), on hand-built arrays."""
+"""Attention ratios and the rejection rule (docs/method.md §3), on hand-built arrays."""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ from transformers import AutoProcessor
 from trl.data_utils import apply_chat_template as trl_apply_chat_template
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-from mia_dpo.data.synthetic import COLOURS, COUNT_WORDS, SHAPES
+from mia_dpo.demo.synthetic import COLOURS, COUNT_WORDS, SHAPES
+from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.prompting import answer_messages, chat_text, prompt_messages
-from mia_dpo.models.tiny import build_tiny_model
-from mia_dpo.stages.augment.prompts import (
+from mia_dpo.prompts import (
     DEFAULT_PIP_PHRASINGS,
     grid_prompt,
     pip_prompt,

@@ -12,7 +12,7 @@ import redis
 from mia_dpo.config import load_config
 from mia_dpo.errors import UserError
 from mia_dpo.records import Task
-from mia_dpo.runtime.queue import open_queue
+from mia_dpo.runtime.queue_factory import open_queue
 
 pytestmark = pytest.mark.integration
 

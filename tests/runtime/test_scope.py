@@ -13,12 +13,13 @@ import pytest
 
 from mia_dpo.config import RunConfig
 from mia_dpo.controller import Controller, RunFailed
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.records import Task
 from mia_dpo.runtime import layout
-from mia_dpo.runtime.queue import open_queue
+from mia_dpo.runtime.queue_factory import open_queue
 from mia_dpo.runtime.store import BlobReader, LocalStore, OutsideScope, open_store
 from mia_dpo.runtime.worker import Worker, scoped_reader
+from mia_dpo.stages import get_stage
 
 
 def test_reader_allows_only_its_roots(tmp_path: Path) -> None:
@@ -86,7 +87,15 @@ def test_forged_queue_messages_are_dead_lettered_at_once(tmp_path: Path, redis_u
     messages = forged_messages("scoped", "augment")
     queue.enqueue("scoped", "augment", list(messages.items()))
     queue.close_stage("scoped", "augment")
-    worker = Worker(cfg, "scoped", "augment", store, queue, stop=threading.Event())
+    worker = Worker(
+        cfg,
+        "scoped",
+        "augment",
+        store,
+        queue,
+        stage_fn=get_stage("augment"),
+        stop=threading.Event(),
+    )
     worker.run()
     letters = {d.task_id: d for d in queue.dead_letters("scoped", "augment")}
     assert set(letters) == set(messages)
@@ -114,7 +123,7 @@ def test_a_record_pointing_outside_is_refused_and_dead_lettered(
     }  # fmt: skip
     cfg = RunConfig.model_validate(doc)
     store = LocalStore(tmp_path / "store")
-    Controller(cfg, "scope", store, open_queue(cfg.queue), progress=False).run()
+    Controller(cfg, "scope", store, open_queue(cfg.queue), stages=get_stage, progress=False).run()
     # someone with write access to the bucket edits a record to point elsewhere
     key = layout.shard_key("scope", "augment", 0)
     rows = [json.loads(line) for line in store.get_text(key).splitlines()]
@@ -122,7 +131,9 @@ def test_a_record_pointing_outside_is_refused_and_dead_lettered(
     store.put_text(key, "".join(json.dumps(r) + "\n" for r in rows))
     cfg = RunConfig.model_validate(doc | {"stages": ["generate"]})
     with pytest.raises(RunFailed, match="OutsideScope"):
-        Controller(cfg, "scope", store, open_queue(cfg.queue), progress=False).run()
+        Controller(
+            cfg, "scope", store, open_queue(cfg.queue), stages=get_stage, progress=False
+        ).run()
     (letter,) = open_queue(cfg.queue).dead_letters("scope", "generate")
     assert letter.attempts == 1
     assert "secret.txt" in letter.error and "outside this run's prefix" in letter.error

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mia_dpo.stages.augment.compose import (
+from mia_dpo.augmentation.compose import (
     GRID_LAYOUTS,
     compose_grid,
     compose_pic_in_pic,

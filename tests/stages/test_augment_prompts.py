@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mia_dpo.stages.augment.prompts import (
+from mia_dpo.prompts import (
     DEFAULT_PIP_PHRASINGS,
     IMAGE_TAG,
     choose_phrasing,

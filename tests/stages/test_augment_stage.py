@@ -19,16 +19,17 @@ from PIL import Image
 
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller
+from mia_dpo.prompts import DEFAULT_PIP_PHRASINGS
 from mia_dpo.records import AugmentedSample
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import LocalStore
-from mia_dpo.stages.augment.prompts import DEFAULT_PIP_PHRASINGS
+from mia_dpo.stages import get_stage
 
 LEVELS = (0, 85, 170, 255)
 PALETTE = [c for c in itertools.product(LEVELS, repeat=3) if c != (255, 255, 255)]
 SIZES = [(96, 64), (64, 96), (80, 80), (100, 70), (70, 100), (90, 66)]  # all <= 10_000 px
-GRID = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}  # method.md 1b
+GRID = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}  # docs/method.md §1b
 Q1, Q2 = "What colour is this picture?", "Is it Bright?"
 BBOX = "[0.1, 0.2, 0.5, 0.6]"
 SMALL = {"augment.grid_tile_px": 64, "augment.grid_margin_px": 16, "augment.grid_label_font_px": 12}
@@ -113,7 +114,7 @@ def run(d: Data, store_dir: Path, overrides: dict, run_id: str = "t1", **kw) -> 
         },
     )
     store = LocalStore(cfg.store.root)
-    Controller(cfg, run_id, store, MemoryQueue(cfg.queue), progress=False).run()
+    Controller(cfg, run_id, store, MemoryQueue(cfg.queue), stages=get_stage, progress=False).run()
     n_shards = store.get_json(layout.plan_key(run_id))["n_shards"]
     records, drops = [], {}
     for i in range(n_shards):

@@ -16,10 +16,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from mia_dpo.augmentation.sampler import choose_format, sample_rng
 from mia_dpo.config import RunConfig, load_config
 from mia_dpo.controller import Controller
 from mia_dpo.data.source import SourceSample, SourceTurn
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.errors import SampleError
 from mia_dpo.evaluation import (
     EvalItem,
@@ -29,16 +30,14 @@ from mia_dpo.evaluation import (
     evaluate_models,
     format_report,
     items_digest,
-    normalize_answer,
 )
 from mia_dpo.records import AugmentedSample, ShardStats, Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import DropLog, StageContext
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import BlobReader, LocalStore
-from mia_dpo.stages.augment.stage import choose_format, sample_rng
-from mia_dpo.stages.base import DropLog, StageContext
+from mia_dpo.stages import get_stage
 from mia_dpo.stages.evaluate import (
-    adapter_prefix,
     blob_images,
     build_benchmark,
     read_items,
@@ -64,7 +63,9 @@ class Env:
 
     def plan(self, run_id: str) -> None:
         cfg = self.config()
-        Controller(cfg, run_id, self.store, MemoryQueue(cfg.queue), progress=False).run()
+        Controller(
+            cfg, run_id, self.store, MemoryQueue(cfg.queue), stages=get_stage, progress=False
+        ).run()
 
     def evaluate(self, run_id: str, extra: dict | None = None) -> ShardStats:
         return run_shard(Task.make(run_id, "evaluate", 0), self.ctx(extra))
@@ -133,7 +134,9 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 
 def upload_adapter(env: Env, run_id: str, adapter_dir: Path) -> None:
     for path in adapter_dir.iterdir():
-        env.store.put_bytes(adapter_prefix(run_id) + path.name, path.read_bytes())
+        env.store.put_bytes(
+            layout.adapter_prefix(layout.train_prefix(run_id)) + path.name, path.read_bytes()
+        )
 
 
 # --- the benchmark ------------------------------------------------------------------
@@ -226,23 +229,6 @@ def test_forced_format_never_falls_back_on_bbox() -> None:
 
 
 # --- scoring ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("Red", "red"),
-        ("  The red.  ", "red"),
-        ("a  big\tsquare!", "big square"),
-        ("An orange", "orange"),
-        ("theatre", "theatre"),  # an article only as a whole word
-        ("A", "a"),  # an option letter is not an article
-        ("the the cat", "the cat"),  # one leading article, not every one
-        ("It's 3.", "its 3"),
-    ],
-)
-def test_normalize_answer(text: str, expected: str) -> None:
-    assert normalize_answer(text) == expected
 
 
 def item(i: int, fmt: str, n: int, answer: str = "red") -> EvalItem:

@@ -1,4 +1,4 @@
-"""The generate stage and its model inputs on the tiny LLaVA (method.md section 2).
+"""The generate stage and its model inputs on the tiny LLaVA (docs/method.md §2).
 
 Real inputs: synthetic data through the augment stage (controller, inline workers),
 then `generate.run_shard` called directly. Log-probabilities are checked against an
@@ -22,15 +22,17 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mia_dpo.config import RunConfig, load_config
 from mia_dpo.controller import Controller
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.data.images import pad_to_square
+from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.models.prompting import chat_text
 from mia_dpo.records import AugmentedSample, GeneratedSample, ShardStats, Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import StageContext
 from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import BlobReader, LocalStore
-from mia_dpo.stages.base import StageContext, get_stage
+from mia_dpo.stages import get_stage
 from mia_dpo.stages.generate import split_response
-from mia_dpo.stages.model_inputs import add_noise, cached_model, load_images, pad_to_square
+from mia_dpo.stages.model_inputs import add_noise, cached_model, load_images
 
 N_SOURCE = 40  # with formats 2:1:1 this seed gives every sequence count and grids of 2/4/9
 MAX_NEW = 8
@@ -96,7 +98,7 @@ def make_env(base: Path, model_dir: Path) -> Env:
     }
     cfg = load_config(None, overrides=overrides)
     store = LocalStore(cfg.store.root)
-    Controller(cfg, "aug", store, MemoryQueue(cfg.queue), progress=False).run()
+    Controller(cfg, "aug", store, MemoryQueue(cfg.queue), stages=get_stage, progress=False).run()
     env = Env(store, overrides, store.get_jsonl(layout.shard_key("aug", "augment", 0)))
     kinds = {(s.format, s.n_images) for s in env.samples()}
     assert {("sequence", n) for n in (2, 3, 4, 5)} | {("grid", n) for n in (2, 4, 9)} <= kinds

@@ -1,4 +1,4 @@
-"""The score stage on the tiny LLaVA (method.md section 3): its per-token attention
+"""The score stage on the tiny LLaVA (docs/method.md §3): its per-token attention
 against an independent eager forward pass with output_attentions, its ratios
 against models.ratios, and its decisions against the thresholds."""
 

@@ -1,4 +1,4 @@
-"""Post-selection (method.md 4): metrics, Tukey fences, and the select stage over a store.
+"""Post-selection (docs/method.md §4): metrics, Tukey fences, and the select stage over a store.
 
 Distributions are hand-made from normal quantiles, so they hold no Tukey outlier of
 their own: whatever is dropped is exactly the value planted for the test.
@@ -15,8 +15,8 @@ import pytest
 from mia_dpo.config import RunConfig, SelectConfig, StoreConfig
 from mia_dpo.records import AugmentedSample, Pair, Response, ScoredResponse, Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import StageContext
 from mia_dpo.runtime.store import BlobReader, LocalStore
-from mia_dpo.stages.base import StageContext
 from mia_dpo.stages.select import (
     Candidate,
     edit_distance,

@@ -32,8 +32,8 @@ from mia_dpo.errors import UserError
 from mia_dpo.models.loading import load_model
 from mia_dpo.models.prompting import answer_messages, chat_text, prompt_messages
 from mia_dpo.records import Task
+from mia_dpo.runtime.context import StageContext
 from mia_dpo.runtime.store import BlobReader, LocalStore
-from mia_dpo.stages.base import StageContext
 from mia_dpo.stages.train import run_shard, train_standalone
 from mia_dpo.training.trainers import lora_target_modules
 
@@ -207,7 +207,7 @@ import trl
 from mia_dpo.config import RunConfig, StoreConfig
 from mia_dpo.records import Task
 from mia_dpo.runtime.store import BlobReader, LocalStore
-from mia_dpo.stages.base import StageContext
+from mia_dpo.runtime.context import StageContext
 from mia_dpo.stages.train import run_shard
 
 rank = os.environ.get("RANK", "0")

@@ -9,17 +9,13 @@ count it under `reason` and move on; only a file that cannot be read at all is a
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import posixpath
 import re
 import stat
 import threading
-import warnings
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from mia_dpo.errors import SampleError, UserError
@@ -324,117 +320,3 @@ def resolve_image(root: str, rel: str) -> str:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise SampleError("image_unreadable", f"{rel}: not a regular file, not read")
     return path
-
-
-# --- image bytes --------------------------------------------------------------------
-
-
-def decode_image(data: bytes, name: str, max_pixels: int, min_side: int) -> Image.Image:
-    """Decode to a fully loaded, upright RGB image, checking its size before decoding."""
-    if not data:
-        raise SampleError("image_empty", f"{name}: image file is empty")
-    with _STRICT_LOAD, warnings.catch_warnings():
-        # PIL's own bomb guard (about 89M pixels) stays a ceiling above max_pixels.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        saved = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            im = _open_checked(data, name, max_pixels, min_side)
-            try:
-                im.load()  # first frame only: open() leaves a multi-frame file on frame 0
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise SampleError("image_too_large", f"{name}: {e}") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as e:
-                reason = "image_truncated" if "truncat" in str(e).lower() else "image_unreadable"
-                raise SampleError(reason, f"{name}: cannot decode pixels: {e}") from None
-        except SampleError as e:
-            raise _truncated_if_cut_short(e, data, name) from None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    # A corrupt EXIF block leaves the pixels usable as stored, so it is not a drop reason.
-    with contextlib.suppress(Exception):
-        im = ImageOps.exif_transpose(im)
-    return _to_rgb(im, name)
-
-
-def _open_checked(data: bytes, name: str, max_pixels: int, min_side: int) -> Image.Image:
-    try:
-        im = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise SampleError("image_too_large", f"{name}: {e}") from None
-    except UnidentifiedImageError:
-        detail = f"{name}: not an image in a supported format {SAFE_FORMATS}"
-        raise SampleError("image_unreadable", detail) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise SampleError("image_unreadable", f"{name}: bad image header: {e}") from None
-    width, height = im.size  # from the header; no pixel has been decoded yet
-    size = f"{name}: {width}x{height}"
-    if width * height > max_pixels:
-        raise SampleError("image_too_large", f"{size} exceeds {max_pixels} pixels")
-    if min(width, height) < min_side:
-        raise SampleError("image_too_small", f"{size} has a side under {min_side} px")
-    return im
-
-
-def _truncated_if_cut_short(err: SampleError, data: bytes, name: str) -> SampleError:
-    """PIL often reports a file cut inside its header as unidentified or corrupt; a file
-    that starts like a known format but lacks its end (or declared length) was cut."""
-    fmt = _cut_short(data) if err.reason == "image_unreadable" else None
-    if fmt is None:
-        return err
-    why = err.detail.removeprefix(f"{name}: ")
-    return SampleError(
-        "image_truncated", f"{name}: {fmt} file cut short at {len(data)} bytes ({why})"
-    )
-
-
-def _cut_short(data: bytes) -> str | None:
-    """The format of an image file that stops before its end marker or declared size."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return None if b"IEND" in data else "PNG"
-    if data.startswith(b"\xff\xd8"):
-        # The entropy-coded data escapes 0xFF, so an EOI after the last SOS ends the scan.
-        sos = data.rfind(b"\xff\xda")
-        return None if sos >= 0 and data.rfind(b"\xff\xd9") > sos else "JPEG"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return None if data.rstrip(b"\0\r\n")[-1:] == b";" else "GIF"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP" if len(data) < int.from_bytes(data[4:8], "little") + 8 else None
-    if data[:2] == b"BM" and len(data) >= 6:
-        return "BMP" if len(data) < int.from_bytes(data[2:6], "little") else None
-    return None
-
-
-def _to_rgb(im: Image.Image, name: str) -> Image.Image:
-    mode = im.mode
-    try:
-        if mode == "RGB" and "transparency" not in im.info:
-            return im
-        if mode.startswith("I") or mode == "F":
-            return Image.fromarray(_deep_to_uint8(np.asarray(im))).convert("RGB")
-        if mode in _ALPHA_MODES or "transparency" in im.info:
-            # Transparent pixels hide arbitrary colour underneath; show them as white paper.
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return im.convert("RGB")  # 1, L, P, CMYK, YCbCr
-    except (ValueError, OSError) as e:
-        raise SampleError("image_unreadable", f"{name}: cannot convert mode {mode}: {e}") from None
-
-
-def _deep_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale >8-bit grayscale to 0..255 by value range, never by clipping."""
-    if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float64))
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo >= 0.0 and hi <= 1.0:
-            return np.rint(arr * 255.0).astype(np.uint8)
-        span = hi - lo or 1.0
-        return np.rint((arr - lo) * (255.0 / span)).astype(np.uint8)
-    wide = arr.astype(np.int64)
-    lo, hi = int(wide.min()), int(wide.max())
-    if lo >= 0 and hi <= 65535:
-        # 16-bit data (PNG/TIFF), whether PIL holds it as I;16 or widened to I.
-        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
-    span = hi - lo or 1
-    return ((wide - lo) * 255 // span).astype(np.uint8)

@@ -1,1 +1,2 @@
-"""Model side of MIA-DPO: loading, the one prompt template, the tiny test model."""
+"""Model side of MIA-DPO: loading any supported checkpoint, the one prompt template,
+the one-layer attention probe and the attention ratios."""

@@ -2,7 +2,7 @@
 
 Asking a Hugging Face model for ``output_attentions=True`` needs the eager kernel
 in every layer and returns a (B, H, T, T) tensor per layer: memory grows with the
-number of layers and the square of the sequence. MIA-DPO (method.md section 3)
+number of layers and the square of the sequence. MIA-DPO (docs/method.md §3)
 needs one layer, averaged over heads, for the response rows only. So:
 
 * a custom attention function, registered as ``"mia_capture"`` in transformers'

@@ -1,6 +1,6 @@
 """Load an image-text-to-text model and learn where its image tokens are.
 
-The score stage (method.md section 3) needs, for each image, the token columns
+The score stage (docs/method.md §3) needs, for each image, the token columns
 that hold it, and for grid and pic-in-pic the patch grid those tokens form. That
 is only well defined for fixed-resolution LLaVA-style models, where every image
 becomes the same square grid of tokens; dynamic-resolution models are refused
@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
 from mia_dpo.config import ModelConfig
 from mia_dpo.errors import UserError
+from mia_dpo.models.attention import decoder_layers
 from mia_dpo.models.prompting import INTERLEAVED_CHAT_TEMPLATE, keeps_image_order
 
 log = logging.getLogger("mia_dpo.models")
@@ -54,20 +54,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     name: str
-
-    def language_layers(self) -> nn.ModuleList:
-        return _decoder_layers(self.model)
-
-
-def _decoder_layers(model: Any) -> nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None:  # fall back to the LLaVA layout
-        inner = getattr(getattr(model, "model", None), "language_model", None)
-        layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__}: cannot find the language model's decoder layers")
-    return layers
 
 
 def _get(config: Any, name: str) -> Any:
@@ -166,6 +152,14 @@ def image_spans(
             )
         spans += [(s, s + tokens_per_image) for s in range(start, end, tokens_per_image)]
     return spans
+
+
+def pad_fill(lm: Any) -> tuple[int, int, int]:
+    """The colour LLaVA pads with: the image processor's mean (grey when it has none)."""
+    mean = getattr(getattr(lm.processor, "image_processor", None), "image_mean", None)
+    if mean is None or len(mean) != 3:
+        return (127, 127, 127)
+    return tuple(round(255 * m) for m in mean)  # type: ignore[return-value]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -274,7 +268,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         image_token_id=token_id,
         tokens_per_image=tokens,
         patch_grid=grid,
-        num_layers=len(_decoder_layers(model)),
+        num_layers=len(decoder_layers(model)),
         device=device,
         dtype=dtype,
         name=cfg.path,

@@ -1,4 +1,4 @@
-"""The one way our prompts become model text (method.md section 5: the template at
+"""The one way our prompts become model text (docs/method.md §5: the template at
 generation must equal the one at training; the reference code mixes two).
 
 Our prompts are plain text with `<image>` tags where the pictures go, e.g.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mia_dpo.stages.augment.prompts import IMAGE_TAG
+from mia_dpo.prompts import IMAGE_TAG
 
 # Renders list content in order ("USER: Image1:<image>\nImage2:<image>\nIn Image2, ..."),
 # " ASSISTANT:" as the generation prompt and an assistant turn as " {text}</s>". The BOS

@@ -1,4 +1,4 @@
-"""Attention ratios and the rejection rule of MIA-DPO (method.md section 3).
+"""Attention ratios and the rejection rule of MIA-DPO (docs/method.md §3).
 
 Input everywhere: the layer's head-mean attention, averaged over the response rows,
 restricted to the image-token columns -> one non-negative value per image token
@@ -14,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 from numpy.typing import ArrayLike
 
-FORMATS = ("sequence", "grid", "pic_in_pic")
+from mia_dpo.records import FORMATS, AugmentedSample
 
 
 def _as_1d(token_att: ArrayLike) -> np.ndarray:
@@ -71,7 +71,7 @@ def block_bounds(n: int, parts: int) -> list[int]:
     """Boundaries splitting ``n`` patches into ``parts`` blocks: round(i * n / parts),
     halves up, for i = 0..parts. Blocks differ by at most one patch when ``n`` is not
     divisible (7 into 3 -> [0, 2, 5, 7]), and the split is the tile layout's own
-    proportions: method.md splits the token grid evenly and ignores the label bands."""
+    proportions: docs/method.md splits the token grid evenly and ignores the label bands."""
     if not 1 <= parts <= n:
         raise ValueError(f"cannot split {n} patches into {parts} blocks")
     return [_round_half_up(i * n, parts) for i in range(parts + 1)]
@@ -157,3 +157,32 @@ def _lookup(table: Mapping[int, float], n_images: int, fmt: str) -> float:
     if n_images not in table:
         raise ValueError(f"no {fmt} threshold for {n_images} images")
     return float(table[n_images])
+
+
+def attention_ratio(
+    sample: AugmentedSample,
+    token_att: ArrayLike,
+    tokens_per_image: int,
+    patch_grid: tuple[int, int],
+    pip_border_fraction: float,
+) -> tuple[float, list[float]]:
+    """(ratio on the target, share per picture) of one scored response, from the mean
+    attention per image token (all images' tokens, in prompt order)."""
+    token_att = _as_1d(token_att)
+    if sample.format == "sequence":
+        spans = [
+            (i * tokens_per_image, (i + 1) * tokens_per_image) for i in range(len(sample.images))
+        ]
+        shares = sequence_shares(token_att, spans)
+        return shares[sample.target_index - 1], list(shares)
+    # one picture: its patch grid is its last pr * pc tokens (a "full" feature strategy
+    # puts a CLS token first, which belongs to no block)
+    patches = token_att[tokens_per_image - patch_grid[0] * patch_grid[1] :]
+    if sample.format == "grid":
+        assert sample.layout is not None
+        blocks = grid_block_sums(patches, patch_grid, tuple(sample.layout))  # (rows, cols)
+        total = float(blocks.sum()) or 1.0
+        shares = (blocks / total).flatten().tolist()
+        return shares[sample.target_index - 1], shares
+    ratio = pip_ratio(patches, patch_grid, pip_border_fraction)
+    return ratio, [1.0 - ratio, ratio]  # background, inset

@@ -5,6 +5,8 @@
 - local: `mia-dpo worker` subprocesses on this machine, restarted if they crash;
 - external: someone else runs the workers (Docker Compose);
 - kubernetes: one Job per stage from the chart's template (k8s_launcher.py).
+
+`launcher_factory.make_launcher` picks one from the config.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from mia_dpo.config import RunConfig
+from mia_dpo.runtime.context import StageResolver
 from mia_dpo.runtime.queue import Queue
 from mia_dpo.runtime.store import Store
 from mia_dpo.runtime.worker import Worker
@@ -48,8 +51,8 @@ class Launcher(ABC):
 
 
 class InlineLauncher(Launcher):
-    def __init__(self, cfg: RunConfig, store: Store, queue: Queue) -> None:
-        self.cfg, self.store, self.queue = cfg, store, queue
+    def __init__(self, cfg: RunConfig, store: Store, queue: Queue, stages: StageResolver) -> None:
+        self.cfg, self.store, self.queue, self.stages = cfg, store, queue, stages
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
         self.stop_event = threading.Event()
@@ -57,7 +60,10 @@ class InlineLauncher(Launcher):
     def start(self, run_id: str, stage: str, n: int) -> None:
         self.stop_event.clear()
         for i in range(n):
-            worker = Worker(self.cfg, run_id, stage, self.store, self.queue, stop=self.stop_event)
+            worker = Worker(
+                self.cfg, run_id, stage, self.store, self.queue,
+                stage_fn=self.stages(stage), stop=self.stop_event,
+            )  # fmt: skip
             t = threading.Thread(
                 target=self._run, args=(worker,), name=f"{stage}-worker-{i}", daemon=True
             )
@@ -164,15 +170,3 @@ class ExternalLauncher(Launcher):
 
     def stop(self, timeout: float = 30.0) -> None:
         pass
-
-
-def make_launcher(cfg: RunConfig, store: Store, queue: Queue) -> Launcher:
-    if cfg.launcher.kind == "inline":
-        return InlineLauncher(cfg, store, queue)
-    if cfg.launcher.kind == "local":
-        return LocalLauncher(cfg)
-    if cfg.launcher.kind == "kubernetes":
-        from mia_dpo.runtime.k8s_launcher import KubernetesLauncher
-
-        return KubernetesLauncher(cfg)
-    return ExternalLauncher()

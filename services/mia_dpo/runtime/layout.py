@@ -62,6 +62,69 @@ def holdout_pools_key(run_id: str) -> str:
     return f"runs/{run_id}/plan/holdout_pools.json"
 
 
+def problems_key(run_id: str) -> str:
+    """Index lines the plan could not read: line, reason, detail."""
+    return f"runs/{run_id}/plan/problems.jsonl"
+
+
+# --- stage outputs beyond shards ------------------------------------------------------
+
+
+def augment_images_prefix(run_id: str, shard: int) -> str:
+    """Composed images (grid collages, pic-in-pic) of one augment shard."""
+    return f"runs/{run_id}/augment/images/shard-{shard:05d}"
+
+
+def pairs_key(run_id: str) -> str:
+    """The reference layout: id, image, prompt, chosen, rejected + the selecting metrics."""
+    return stage_prefix(run_id, "select") + "pairs.jsonl"
+
+
+def trl_pairs_key(run_id: str) -> str:
+    """TRL DPOTrainer's vision layout; the train stage reads this one."""
+    return stage_prefix(run_id, "select") + "pairs.trl.jsonl"
+
+
+def evaluate_key(run_id: str, name: str) -> str:
+    """items.jsonl, predictions.jsonl, report.json, report.md; `images` is the folder
+    of the benchmark's composed images."""
+    return stage_prefix(run_id, "evaluate") + name
+
+
+# The train stage's outputs hang off a prefix: `runs/R/train/` in a run, "" in the
+# folder of a standalone `mia-dpo train`, so both share these names.
+
+
+def train_prefix(run_id: str) -> str:
+    return stage_prefix(run_id, "train")
+
+
+def adapter_prefix(prefix: str) -> str:
+    """The LoRA adapter, PEFT's save_pretrained layout."""
+    return f"{prefix}adapter/"
+
+
+def merged_prefix(prefix: str) -> str:
+    return f"{prefix}merged/"
+
+
+def train_metadata_key(prefix: str) -> str:
+    return f"{prefix}metadata.json"
+
+
+def checkpoints_prefix(prefix: str) -> str:
+    return f"{prefix}checkpoints/"
+
+
+def checkpoint_prefix(prefix: str, step: int) -> str:
+    return f"{checkpoints_prefix(prefix)}checkpoint-{step}/"
+
+
+def latest_checkpoint_key(prefix: str) -> str:
+    """The pointer to the last complete checkpoint, written after its files."""
+    return f"{checkpoints_prefix(prefix)}latest.json"
+
+
 _MARKER = re.compile(r"/shard-(\d{5,})\.done$")
 
 

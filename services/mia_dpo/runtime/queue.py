@@ -287,11 +287,3 @@ class MemoryQueue(Queue):
                 if task_id in st.ready:
                     st.ready.remove(task_id)
             return found
-
-
-def open_queue(cfg: QueueConfig) -> Queue:
-    if cfg.backend == "redis":
-        from mia_dpo.runtime.redis_queue import RedisQueue
-
-        return RedisQueue(cfg)
-    return MemoryQueue(cfg)

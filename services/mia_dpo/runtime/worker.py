@@ -25,9 +25,9 @@ from mia_dpo.config import RunConfig
 from mia_dpo.errors import NotFound, UserError
 from mia_dpo.records import Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import StageContext, StageFn
 from mia_dpo.runtime.queue import Lease, Queue
 from mia_dpo.runtime.store import BlobReader, OutsideScope, Store
-from mia_dpo.stages.base import StageContext, get_stage
 
 log = logging.getLogger("mia_dpo.worker")
 
@@ -89,10 +89,12 @@ class Worker:
         stage: str,
         store: Store,
         queue: Queue,
+        *,
+        stage_fn: StageFn,
         stop: threading.Event | None = None,
         consumer: str | None = None,
     ) -> None:
-        self.cfg, self.run_id, self.stage = cfg, run_id, stage
+        self.cfg, self.run_id, self.stage, self.stage_fn = cfg, run_id, stage, stage_fn
         self.store, self.queue = store, queue
         self.stop = stop or threading.Event()
         self.consumer = consumer or consumer_name()
@@ -108,15 +110,14 @@ class Worker:
 
     def run(self) -> int:
         """Process tasks until the stage is closed and drained (or stop is set). Returns 0."""
-        stage_fn = get_stage(self.stage)
         while not self.stop.is_set():
             lease = self.queue.wait_for_work(self.run_id, self.stage, self.consumer, self.stop)
             if lease is None:
                 break
-            self._process(lease, stage_fn)
+            self._process(lease)
         return 0
 
-    def _process(self, lease: Lease, stage_fn) -> None:  # type: ignore[no-untyped-def]
+    def _process(self, lease: Lease) -> None:
         q, run_id, stage = self.queue, self.run_id, self.stage
         try:
             task = Task.model_validate_json(lease.task_json)
@@ -135,7 +136,7 @@ class Worker:
                     log.info("%s already done, skipping", task.task_id)
                 else:
                     t0 = time.monotonic()
-                    stats = stage_fn(task, self._context())
+                    stats = self.stage_fn(task, self._context())
                     stats.seconds = round(time.monotonic() - t0, 4)
                     if lease.lost:
                         # Another worker owns it now and writes the same keys; we
@@ -170,19 +171,19 @@ def scoped_reader(store: Store, cfg: RunConfig, run_id: str) -> BlobReader:
     return BlobReader(cfg.store, roots=roots)
 
 
-def run_task_directly(cfg: RunConfig, run_id: str, stage: str, shard: int, store: Store) -> bool:
+def run_task_directly(
+    cfg: RunConfig, run_id: str, stage: str, shard: int, store: Store, stage_fn: StageFn
+) -> bool:
     """Run one task without the queue: how a multi-process launch (torchrun,
     accelerate) trains, since every rank must run the same task. Every rank runs
     it; rank 0 alone writes the marker. Returns False when it was already done."""
-    import os
-
     marker = layout.marker_key(run_id, stage, shard)
     if store.exists(marker):
         return False
     run_cfg = load_run_config(store, run_id, cfg)
     ctx = StageContext(store=store, blobs=scoped_reader(store, run_cfg, run_id), config=run_cfg)
     t0 = time.monotonic()
-    stats = get_stage(stage)(Task.make(run_id, stage, shard), ctx)
+    stats = stage_fn(Task.make(run_id, stage, shard), ctx)
     stats.seconds = round(time.monotonic() - t0, 4)
     if int(os.environ.get("RANK", "0")) == 0:
         store.put_text(marker, stats.model_dump_json())

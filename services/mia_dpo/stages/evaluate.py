@@ -1,5 +1,5 @@
 """The evaluate stage: the base model and the trained adapter answer the same
-held-out multi-image questions (method.md section 6, on our own data).
+held-out multi-image questions (docs/method.md §6, on our own data).
 
 1. Benchmark. The plan step held some source samples out (they never reach augment,
    the pairs or training). Each becomes one item per format in `evaluate.formats`,
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mia_dpo.augmentation.sampler import augment_sample, source_images
 from mia_dpo.data.source import parse_sample
 from mia_dpo.errors import NotFound, SampleError, UserError
 from mia_dpo.evaluation import (
     EvalItem,
-    EvalReport,
     ImagesLoader,
     ModelLike,
     Prediction,
@@ -35,33 +35,12 @@ from mia_dpo.evaluation import (
     format_report,
     load_adapter_model,
 )
+from mia_dpo.prompts import IMAGE_TAG, strip_image_tag
 from mia_dpo.records import FORMATS, ShardStats, Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import DropLog, StageContext
 from mia_dpo.runtime.store import Store
-from mia_dpo.stages.augment.prompts import IMAGE_TAG, strip_image_tag
-from mia_dpo.stages.augment.stage import ImageLoader, augment_sample
-from mia_dpo.stages.base import DropLog, StageContext
 from mia_dpo.stages.model_inputs import MODEL_USE_LOCK, cached_model, read_images
-
-__all__ = [
-    "EvalItem",
-    "EvalReport",
-    "adapter_prefix",
-    "build_benchmark",
-    "evaluate_models",
-    "format_report",
-    "read_items",
-    "run_shard",
-]
-
-
-def _key(run_id: str, name: str) -> str:
-    return f"runs/{run_id}/evaluate/{name}"
-
-
-def adapter_prefix(run_id: str) -> str:
-    """Where the train stage leaves its adapter (PEFT save_pretrained layout)."""
-    return f"runs/{run_id}/train/adapter/"
 
 
 def eval_salt(fmt: str) -> str:
@@ -87,7 +66,8 @@ def build_benchmark(ctx: StageContext, run_id: str, drops: DropLog) -> list[Eval
         ) from None
     formats = [f for f in FORMATS if f in cfg.evaluate.formats]  # canonical order, no repeats
     kinds = [*formats, *(["single"] if cfg.evaluate.single_image else [])]
-    loader = ImageLoader(ctx)
+    loader = source_images(ctx.blobs, cfg.input)
+    image_prefix = layout.evaluate_key(run_id, "images")
     items: list[EvalItem] = []
     for row in rows:
         rec = json.loads(row)
@@ -103,15 +83,9 @@ def build_benchmark(ctx: StageContext, run_id: str, drops: DropLog) -> list[Eval
         for fmt in formats:
             try:
                 aug, _ = augment_sample(
-                    sample,
-                    pools,
-                    loader,
-                    cfg,
-                    (run_id, 0),
-                    fmt=fmt,
-                    salt=eval_salt(fmt),
-                    image_prefix=_key(run_id, "images"),
-                )
+                    sample, pools, loader, ctx.store, image_prefix, cfg,
+                    fmt=fmt, salt=eval_salt(fmt),
+                )  # fmt: skip
             except SampleError as e:
                 drops.drop(f"{sample.id}-{fmt}", e.reason, e.detail)
                 continue
@@ -150,7 +124,10 @@ def build_benchmark(ctx: StageContext, run_id: str, drops: DropLog) -> list[Eval
 
 def read_items(store: Store, run_id: str) -> list[EvalItem]:
     """The benchmark a finished evaluate stage built, for scoring other adapters."""
-    return [EvalItem.model_validate_json(r) for r in store.get_jsonl(_key(run_id, "items.jsonl"))]
+    return [
+        EvalItem.model_validate_json(r)
+        for r in store.get_jsonl(layout.evaluate_key(run_id, "items.jsonl"))
+    ]
 
 
 def blob_images(ctx: StageContext) -> ImagesLoader:
@@ -167,7 +144,7 @@ def blob_images(ctx: StageContext) -> ImagesLoader:
 
 
 def download_adapter(store: Store, run_id: str, dest: Path) -> None:
-    prefix = adapter_prefix(run_id)
+    prefix = layout.adapter_prefix(layout.train_prefix(run_id))
     for key in store.list(prefix):
         path = dest / key[len(prefix) :]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +165,11 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
             f"evaluate: run {run_id!r} has no benchmark items "
             f"({stats.total} dropped: {stats.dropped}); set input.holdout_fraction > 0"
         )
-    store.put_jsonl(_key(run_id, "items.jsonl"), [it.model_dump_json() for it in items])
+    store.put_jsonl(
+        layout.evaluate_key(run_id, "items.jsonl"), [it.model_dump_json() for it in items]
+    )
 
-    adapter_config = adapter_prefix(run_id) + "adapter_config.json"
+    adapter_config = layout.adapter_prefix(layout.train_prefix(run_id)) + "adapter_config.json"
     has_adapter = store.exists(adapter_config)
     predictions: list[Prediction] = []
     with MODEL_USE_LOCK:  # inline workers share the cached base model
@@ -214,9 +193,11 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    store.put_jsonl(_key(run_id, "predictions.jsonl"), [p.model_dump_json() for p in predictions])
-    store.put_json(_key(run_id, "report.json"), report.model_dump(mode="json"))
-    store.put_text(_key(run_id, "report.md"), format_report(report))
+    store.put_jsonl(
+        layout.evaluate_key(run_id, "predictions.jsonl"), [p.model_dump_json() for p in predictions]
+    )
+    store.put_json(layout.evaluate_key(run_id, "report.json"), report.model_dump(mode="json"))
+    store.put_text(layout.evaluate_key(run_id, "report.md"), format_report(report))
     drops.write(store, task)
     stats.kept = len(items)
     for it in items:

@@ -1,4 +1,4 @@
-"""The generate stage (method.md section 2): the policy model answers.
+"""The generate stage (docs/method.md §2): the policy model answers.
 
 Batched over an augment shard: greedy by default (the reference's decoding),
 `num_samples` responses per prompt when sampling. Each response keeps its token
@@ -17,7 +17,7 @@ from mia_dpo.errors import SampleError
 from mia_dpo.models.prompting import chat_text
 from mia_dpo.records import AugmentedSample, GeneratedSample, Response, ShardStats, Task
 from mia_dpo.runtime import layout
-from mia_dpo.stages.base import DropLog, StageContext
+from mia_dpo.runtime.context import DropLog, StageContext
 from mia_dpo.stages.model_inputs import MODEL_USE_LOCK, cached_model, load_images, sample_seed
 
 

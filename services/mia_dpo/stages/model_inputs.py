@@ -1,7 +1,7 @@
 """What the model sees for an augmented sample, shared by generate and score so
 the teacher-forced scoring pass reads exactly the input that generation saw.
 
-Noise (method.md section 2, reference code only, default off): Gaussian noise on
+Noise (docs/method.md §2, reference code only, default off): Gaussian noise on
 the generation input, never on the saved image: grid, the target tile only;
 pic-in-pic, the whole image; sequence, none. Values are clipped to [0, 255] (the
 reference wrapped uint8 values modulo 256, a bug we do not copy).
@@ -17,11 +17,10 @@ import numpy as np
 from PIL import Image
 
 from mia_dpo.config import GenerateConfig, RunConfig
-from mia_dpo.data.source import decode_image
-from mia_dpo.errors import NotFound, SampleError
+from mia_dpo.data.images import ImageLoader, pad_to_square
+from mia_dpo.models.loading import load_model, pad_fill
 from mia_dpo.records import AugmentedSample
-from mia_dpo.runtime.store import BlobReader
-from mia_dpo.stages.base import StageContext
+from mia_dpo.runtime.context import StageContext
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -49,42 +48,11 @@ def noised(
     return [add_noise(images[0], cfg.noise_sigma_pip, rng, None)]
 
 
-def pad_fill(lm: Any) -> tuple[int, int, int] | None:
-    """The colour LLaVA pads with (the image processor's mean), or None: no padding."""
-    mean = getattr(getattr(lm.processor, "image_processor", None), "image_mean", None)
-    if mean is None or len(mean) != 3:
-        return (127, 127, 127)
-    return tuple(round(255 * m) for m in mean)  # type: ignore[return-value]
-
-
-def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Centre the image on a square canvas, so the processor's crop cuts nothing."""
-    side = max(img.size)
-    if img.width == img.height:
-        return img
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-    return canvas
-
-
-def decode_uris(
-    blobs: BlobReader, uris: list[str], max_pixels: int, label: str
-) -> list[Image.Image]:
-    """Decoded RGB images where a record points; SampleError naming `label` if one is gone.
-    They were checked once when made; the pixel limit only guards against a store
-    edited behind our back."""
-    images = []
-    for uri in uris:
-        try:
-            data = blobs.read(uri)
-        except NotFound:
-            raise SampleError("image_missing", f"{label}: {uri} not found") from None
-        images.append(decode_image(data, uri, max_pixels, 1))
-    return images
-
-
 def read_images(ctx: StageContext, uris: list[str], label: str) -> list[Image.Image]:
-    return decode_uris(ctx.blobs, uris, ctx.config.input.max_image_pixels, label)
+    """A record's images, decoded; SampleError naming `label` if one is gone. They were
+    checked once when made; the pixel limit only guards against a store edited behind
+    our back."""
+    return ImageLoader(ctx.blobs, ctx.config.input.max_image_pixels).load_all(uris, label)
 
 
 def load_images(ctx: StageContext, sample: AugmentedSample, lm: Any = None) -> list[Image.Image]:
@@ -111,8 +79,6 @@ MODEL_USE_LOCK = threading.RLock()
 def cached_model(ctx: StageContext) -> Any:
     """One model per process, loaded on first use: a cache, not state (a fresh
     worker loads it again)."""
-    from mia_dpo.models.loading import load_model
-
     key = ctx.config.model.model_dump_json()
     with _MODELS_LOCK:
         if key not in _MODELS:

@@ -1,4 +1,4 @@
-"""The score stage (method.md section 3): where did the answer look?
+"""The score stage (docs/method.md §3): where did the answer look?
 
 For each response, one teacher-forced forward pass over prompt + response reads
 ONE decoder layer's attention, only for the rows that predict the response
@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mia_dpo.config import ScoreConfig
+from mia_dpo.answers import same_answer
 from mia_dpo.errors import SampleError, UserError
 from mia_dpo.models.attention import capture_layer_attention
 from mia_dpo.models.loading import image_spans
 from mia_dpo.models.prompting import chat_text
-from mia_dpo.models.ratios import grid_block_sums, pip_ratio, reject_by_attention, sequence_shares
+from mia_dpo.models.ratios import attention_ratio, reject_by_attention
 from mia_dpo.records import (
     AugmentedSample,
     GeneratedSample,
@@ -29,44 +29,8 @@ from mia_dpo.records import (
     Task,
 )
 from mia_dpo.runtime import layout
-from mia_dpo.stages.base import DropLog, StageContext
+from mia_dpo.runtime.context import DropLog, StageContext
 from mia_dpo.stages.model_inputs import MODEL_USE_LOCK, cached_model, load_images
-
-
-def same_answer(response: str, truth: str) -> bool:
-    """The reference compares strings; case, spacing and a final full stop are noise."""
-
-    def norm(t: str) -> str:
-        return " ".join(t.strip().rstrip(".").split()).casefold()
-
-    return norm(response) == norm(truth)
-
-
-def attention_ratio(
-    sample: AugmentedSample,
-    token_att: np.ndarray,
-    tokens_per_image: int,
-    patch_grid: tuple[int, int],
-    cfg: ScoreConfig,
-) -> tuple[float, list[float]]:
-    """(ratio on the target, share per picture) from the mean attention per image token."""
-    if sample.format == "sequence":
-        spans = [
-            (i * tokens_per_image, (i + 1) * tokens_per_image) for i in range(len(sample.images))
-        ]
-        shares = sequence_shares(token_att, spans)
-        return shares[sample.target_index - 1], list(shares)
-    # one picture: its patch grid is its last pr * pc tokens (a "full" feature strategy
-    # puts a CLS token first, which belongs to no block)
-    patches = token_att[tokens_per_image - patch_grid[0] * patch_grid[1] :]
-    if sample.format == "grid":
-        assert sample.layout is not None
-        blocks = grid_block_sums(patches, patch_grid, tuple(sample.layout))  # (rows, cols)
-        total = float(blocks.sum()) or 1.0
-        shares = (blocks / total).flatten().tolist()
-        return shares[sample.target_index - 1], shares
-    ratio = pip_ratio(patches, patch_grid, cfg.pip_border_fraction)
-    return ratio, [1.0 - ratio, ratio]  # background, inset
 
 
 def score_batch(
@@ -167,7 +131,7 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
             results = score_batch(lm, ctx, [(s, im, r) for _, s, im, r, _ in items], layer)
             for (n, sample, _, response, idx), (token_att, _) in zip(items, results, strict=True):
                 ratio, shares = attention_ratio(
-                    sample, token_att, lm.tokens_per_image, lm.patch_grid, scfg
+                    sample, token_att, lm.tokens_per_image, lm.patch_grid, scfg.pip_border_fraction
                 )
                 confused, thr = reject_by_attention(
                     sample.format, sample.n_images, ratio, scfg.sequence_thresholds,

@@ -1,4 +1,4 @@
-"""The select stage (method.md section 4): post-selection over the whole pair set.
+"""The select stage (docs/method.md §4): post-selection over the whole pair set.
 
 Every response the score stage *rejected* becomes a candidate pair (ground truth
 chosen, the response rejected). The paper then removes outliers on three metrics;
@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mia_dpo.answers import same_answer
 from mia_dpo.config import SelectConfig
 from mia_dpo.models.prompting import answer_messages, prompt_messages
 from mia_dpo.records import FORMATS, Pair, ScoredResponse, ShardStats, Task
 from mia_dpo.runtime import layout
-from mia_dpo.stages.base import DropLog, StageContext
+from mia_dpo.runtime.context import DropLog, StageContext
 
 # --- Metrics -------------------------------------------------------------------
 
@@ -192,14 +193,6 @@ def trl_row(pair: Pair) -> dict:
     }
 
 
-def pairs_key(run_id: str) -> str:
-    return layout.stage_prefix(run_id, "select") + "pairs.jsonl"
-
-
-def trl_pairs_key(run_id: str) -> str:
-    return layout.stage_prefix(run_id, "select") + "pairs.trl.jsonl"
-
-
 def random_selection(scored: list[ScoredResponse], n: int, seed: int) -> list[Candidate]:
     """The ablation: as many pairs as attention selection gave, with the rejected
     responses drawn uniformly from every scored response (each differs from the
@@ -235,6 +228,12 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         for line in ctx.store.get_jsonl(key):
             rec = ScoredResponse.model_validate_json(line)
             stats.total += 1
+            if rec.decision == "rejected" and same_answer(rec.response.text, rec.sample.chosen):
+                # Never a pair of an answer with itself (score drops these already; a
+                # record scored under an older rule must not slip through here).
+                sid = f"{rec.sample.sample_id}-r{rec.response_index}"
+                drops.drop(sid, "equals_ground_truth", "the answer equals the ground truth")
+                continue
             if rec.ratio is not None:
                 scored.append(rec)
             if rec.decision == "rejected":
@@ -263,8 +262,8 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
 
     rows = [p.model_dump_json() for p in pairs]
     trl_rows = [json.dumps(trl_row(p), ensure_ascii=False) for p in pairs]
-    ctx.store.put_jsonl(trl_pairs_key(task.run_id), trl_rows)
-    ctx.store.put_jsonl(pairs_key(task.run_id), rows)
+    ctx.store.put_jsonl(layout.trl_pairs_key(task.run_id), trl_rows)
+    ctx.store.put_jsonl(layout.pairs_key(task.run_id), rows)
     ctx.store.put_jsonl(layout.shard_key(task.run_id, "select", task.shard), rows)
     drops.write(ctx.store, task)
     return stats

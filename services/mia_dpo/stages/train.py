@@ -1,4 +1,4 @@
-"""The train stage (method.md 5): DPO with LoRA on the selected pairs, or SFT on their
+"""The train stage (docs/method.md §5): DPO with LoRA on the selected pairs, or SFT on their
 chosen answers as a baseline. One task per run (shard 0).
 
 One GPU (a worker claims the run's single train task):
@@ -42,14 +42,13 @@ from typing import Any
 
 from mia_dpo import __version__
 from mia_dpo.config import RunConfig
+from mia_dpo.data.images import ImageLoader
 from mia_dpo.errors import NotFound, UserError
-from mia_dpo.models.loading import load_model
+from mia_dpo.models.loading import load_model, pad_fill
 from mia_dpo.records import ShardStats, Task
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import DropLog, StageContext
 from mia_dpo.runtime.store import BlobReader, LocalStore, Store
-from mia_dpo.stages.base import DropLog, StageContext
-from mia_dpo.stages.model_inputs import pad_fill
-from mia_dpo.stages.select import trl_pairs_key
 from mia_dpo.training import checkpoints as ckpt
 from mia_dpo.training import data, trainers
 
@@ -103,8 +102,9 @@ def train_pairs(
     if not lines:
         raise UserError(f"train: no pairs to train on; {source} is empty (did select keep any?)")
     lm = load_model(trainers.rank_model_config(cfg.model))
-    loader = data.ImageLoader(
-        blobs, cfg.input.max_image_pixels, pad_fill(lm) if cfg.model.pad_to_square else None
+    loader = data.PairImages(
+        ImageLoader(blobs, cfg.input.max_image_pixels),
+        pad_fill(lm) if cfg.model.pad_to_square else None,
     )
     drops = DropLog(stats)
     rows = data.read_pairs(lines, drops, loader)
@@ -160,17 +160,17 @@ def train_pairs(
             "train_loss": output.training_loss,
             "log_history": history,
             "fingerprint": key,
-            "outputs": {"adapter": f"{prefix}adapter/", "merged": None},
+            "outputs": {"adapter": layout.adapter_prefix(prefix), "merged": None},
         }
         if is_main:
-            ckpt.upload_dir(store, work / "adapter", f"{prefix}adapter/")
+            ckpt.upload_dir(store, work / "adapter", layout.adapter_prefix(prefix))
             if tcfg.merge_adapter:
                 merged = trainer.model.merge_and_unload()
                 merged.save_pretrained(work / "merged")
                 lm.processor.save_pretrained(work / "merged")
-                ckpt.upload_dir(store, work / "merged", f"{prefix}merged/")
-                metadata["outputs"]["merged"] = f"{prefix}merged/"
-            store.put_json(f"{prefix}metadata.json", metadata)
+                ckpt.upload_dir(store, work / "merged", layout.merged_prefix(prefix))
+                metadata["outputs"]["merged"] = layout.merged_prefix(prefix)
+            store.put_json(layout.train_metadata_key(prefix), metadata)
     stats.notes["steps"] = int(metadata["steps"])
     stats.notes["epochs"] = math.ceil(metadata["epochs"] or 0)  # notes are counts: epochs begun
     stats.notes["resumed_from_step"] = int(resume.step if resume else 0)
@@ -202,12 +202,12 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
     if task.shard != 0:
         raise ValueError(f"train runs as one task over the whole run (shard 0), got {task.shard}")
     stats = ShardStats(stage="train", shard=task.shard)
-    key = trl_pairs_key(task.run_id)
+    key = layout.trl_pairs_key(task.run_id)
     try:
         lines = ctx.store.get_jsonl(key)
     except NotFound:
         raise UserError(f"train: no pairs to train on; {key} does not exist") from None
-    prefix = layout.stage_prefix(task.run_id, "train")
+    prefix = layout.train_prefix(task.run_id)
     result = train_pairs(
         lines, ctx.config, ctx.store, prefix, ctx.blobs, stats, ctx.store.uri(key), ctx.log
     )

@@ -28,15 +28,8 @@ import torch
 from transformers import TrainerCallback
 
 from mia_dpo.errors import NotFound
+from mia_dpo.runtime import layout
 from mia_dpo.runtime.store import Store
-
-
-def checkpoints_prefix(prefix: str) -> str:
-    return f"{prefix}checkpoints/"
-
-
-def latest_key(prefix: str) -> str:
-    return f"{prefix}checkpoints/latest.json"
 
 
 def upload_dir(store: Store, local: Path, folder: str) -> list[str]:
@@ -59,7 +52,7 @@ def download_latest(
     """The checkpoint latest.json points at, copied to out_dir/checkpoint-N; None if
     there is none, or it was trained on other pairs or settings."""
     try:
-        latest = store.get_json(latest_key(prefix))
+        latest = store.get_json(layout.latest_checkpoint_key(prefix))
     except NotFound:
         return None
     step = int(latest["step"])
@@ -70,7 +63,7 @@ def download_latest(
             step,
         )
         return None
-    folder = f"{checkpoints_prefix(prefix)}checkpoint-{step}/"
+    folder = layout.checkpoint_prefix(prefix, step)
     local = out_dir / f"checkpoint-{step}"
     for name in latest["files"]:
         dest = local / name
@@ -94,7 +87,7 @@ class StoreCheckpoints(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
-        folder = f"{checkpoints_prefix(self.prefix)}checkpoint-{step}/"
+        folder = layout.checkpoint_prefix(self.prefix, step)
         if state.is_world_process_zero:
             upload_dir(self.store, local, folder)
         elif (rng := local / f"rng_state_{args.process_index}.pth").is_file():
@@ -104,11 +97,12 @@ class StoreCheckpoints(TrainerCallback):
             return
         files = [k[len(folder) :] for k in self.store.list(folder)]
         self.store.put_json(
-            latest_key(self.prefix), {"step": step, "files": files, "fingerprint": self.fingerprint}
+            layout.latest_checkpoint_key(self.prefix),
+            {"step": step, "files": files, "fingerprint": self.fingerprint},
         )
         self.log.info("train: checkpoint-%d stored (%d files)", step, len(files))
         # Only now may older (or half-uploaded) checkpoints go.
-        base = checkpoints_prefix(self.prefix)
+        base = layout.checkpoints_prefix(self.prefix)
         for key in self.store.list(base):
-            if not key.startswith(folder) and key != latest_key(self.prefix):
+            if not key.startswith(folder) and key != layout.latest_checkpoint_key(self.prefix):
                 self.store.delete(key)

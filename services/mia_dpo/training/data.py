@@ -1,7 +1,7 @@
 """The select stage's TRL pairs file as a `datasets.Dataset` that TRL trains on.
 
 Rows keep the messages exactly as `prompt_messages` / `answer_messages` built them
-(the template at training must equal the one at generation, method.md 5). Images
+(the template at training must equal the one at generation, docs/method.md §5). Images
 are checked once up front, so a pair whose images cannot be read is dropped with
 a reason instead of crashing step 5,000, and are decoded again lazily when a batch
 needs them: 27k pairs of 2-9 decoded images would not fit in memory, and encoding
@@ -18,25 +18,23 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from mia_dpo.data.images import ImageLoader, pad_to_square
 from mia_dpo.errors import SampleError, UserError
-from mia_dpo.runtime.store import BlobReader
-from mia_dpo.stages.base import DropLog
-from mia_dpo.stages.model_inputs import decode_uris, pad_to_square
+from mia_dpo.runtime.context import DropLog
 
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
-class ImageLoader:
+class PairImages:
     """A pair's images as the model saw them at generation and scoring: RGB, padded
     to a square with the processor's mean colour when `fill` is set."""
 
-    blobs: BlobReader
-    max_pixels: int
+    loader: ImageLoader
     fill: tuple[int, int, int] | None
 
     def __call__(self, uris: list[str]) -> list[Image.Image]:
-        images = decode_uris(self.blobs, uris, self.max_pixels, "pair")
+        images = self.loader.load_all(uris, "pair")
         if self.fill is None:
             return images
         return [pad_to_square(img, self.fill) for img in images]
@@ -68,7 +66,7 @@ def _problem(row: Any) -> str | None:
     return None
 
 
-def read_pairs(lines: list[str], drops: DropLog, load: ImageLoader) -> list[dict[str, Any]]:
+def read_pairs(lines: list[str], drops: DropLog, load: PairImages) -> list[dict[str, Any]]:
     """Parsed rows whose images all decode; every other line is dropped with its reason."""
     kept = []
     for n, line in enumerate(lines, 1):
@@ -91,7 +89,7 @@ def read_pairs(lines: list[str], drops: DropLog, load: ImageLoader) -> list[dict
     return kept
 
 
-def build_dataset(rows: list[dict[str, Any]], method: str, load: ImageLoader) -> datasets.Dataset:
+def build_dataset(rows: list[dict[str, Any]], method: str, load: PairImages) -> datasets.Dataset:
     """Exactly the columns TRL's vision collators read, so the Trainer removes none
     (removing columns would drop the lazy transform). DPO: images, prompt, chosen,
     rejected; SFT: images, prompt, completion (= the chosen answer)."""

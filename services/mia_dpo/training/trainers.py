@@ -1,7 +1,7 @@
 """The TRL trainer of the train stage: LoRA targets, DPOConfig / SFTConfig from our
 TrainConfig, and the few facts about the process (rank, device) it needs.
 
-Method (method.md 5): sigmoid DPO with beta 0.1 on log-probs summed over answer
+Method (docs/method.md §5): sigmoid DPO with beta 0.1 on log-probs summed over answer
 tokens, reference = the same model with LoRA disabled (TRL does this itself for a
 PEFT model when no ref_model is given), LoRA on every linear layer of the language
 model's decoder layers and nowhere else. An optional SFT term on the chosen answer

@@ -1,6 +1,7 @@
-"""The augment stage (method.md section 1): one multi-image prompt per source sample.
+"""One multi-image prompt from one source sample (docs/method.md §1).
 
-For each source sample of the shard, in order: draw a format and an image count
+Used by the augment stage for training samples and by the evaluate stage for its
+benchmark. For a source sample: draw a format and an image count
 from the configured mix, a random position for the target, distractors from the
 same source subset (never the target image), then build the images the model will
 see and rewrite the question so it names the target. Every draw comes from an RNG
@@ -10,26 +11,23 @@ seeded by (run seed, sample id), so any worker, any rerun, gives the same bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
-from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
-from mia_dpo.config import GRID_COUNTS, SEQUENCE_COUNTS, AugmentConfig, RunConfig
-from mia_dpo.data.source import SourceSample, decode_image, parse_sample, resolve_image
-from mia_dpo.errors import NotFound, SampleError
-from mia_dpo.records import FORMATS, AugmentedSample, Format, ShardStats, Task, Turn
-from mia_dpo.runtime import layout
-from mia_dpo.stages.augment.compose import (
+from mia_dpo.augmentation.compose import (
     compose_grid,
     compose_pic_in_pic,
     encode_image,
     grid_layout,
 )
-from mia_dpo.stages.augment.prompts import (
+from mia_dpo.config import GRID_COUNTS, SEQUENCE_COUNTS, AugmentConfig, InputConfig, RunConfig
+from mia_dpo.data.images import BlobSource, ImageLoader
+from mia_dpo.data.source import SourceSample
+from mia_dpo.errors import SampleError
+from mia_dpo.prompts import (
     DEFAULT_PIP_PHRASINGS,
     choose_phrasing,
     grid_prompt,
@@ -39,7 +37,15 @@ from mia_dpo.stages.augment.prompts import (
     sequence_prompt,
     strip_image_tag,
 )
-from mia_dpo.stages.base import DropLog, StageContext
+from mia_dpo.records import FORMATS, AugmentedSample, Format, Turn
+
+
+class ImageSink(Protocol):
+    """Where composed images go (the run's store): a key in, a URI back."""
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def uri(self, key: str) -> str: ...
 
 
 def sample_rng(seed: int, sample_id: str) -> random.Random:
@@ -53,46 +59,16 @@ def _pick(rng: random.Random, weights: dict[Any, float], order: list[Any]) -> An
     return rng.choices(keys, [weights[k] for k in keys])[0]
 
 
-class ImageLoader:
-    """Resolves, reads and decodes source images, remembering recent results:
-    the same distractors come up again and again within a shard."""
+# Recent source images kept decoded per worker: distractors repeat within a shard.
+SOURCE_IMAGE_CACHE = 64
 
-    def __init__(self, ctx: StageContext, capacity: int = 64) -> None:
-        self.ctx = ctx
-        self.inp = ctx.config.input
-        self.capacity = capacity
-        self._cache: OrderedDict[str, Image.Image | SampleError] = OrderedDict()
 
-    def uri(self, rel: str) -> str:
-        return resolve_image(self.inp.image_root, rel)
-
-    def load(self, rel: str) -> Image.Image:
-        hit = self._cache.get(rel)
-        if hit is None:
-            hit = self._load(rel)
-            self._cache[rel] = hit
-            if len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(rel)
-        if isinstance(hit, SampleError):
-            raise hit
-        return hit
-
-    def _load(self, rel: str) -> Image.Image | SampleError:
-        try:
-            uri = self.uri(rel)
-            try:
-                data = self.ctx.blobs.read(uri)
-            except NotFound:
-                return SampleError(
-                    "image_missing", f"image {rel}: not found under {self.inp.image_root}"
-                )
-            except OSError as e:
-                return SampleError("image_unreadable", f"image {rel}: {e}")
-            return decode_image(data, rel, self.inp.max_image_pixels, self.inp.min_image_side_px)
-        except SampleError as e:
-            return e
+def source_images(blobs: BlobSource, inp: InputConfig) -> ImageLoader:
+    """The loader of source images (paths relative to `input.image_root`)."""
+    return ImageLoader(
+        blobs, inp.max_image_pixels, inp.min_image_side_px,
+        root=inp.image_root, capacity=SOURCE_IMAGE_CACHE,
+    )  # fmt: skip
 
 
 def draw_distractors(
@@ -152,18 +128,18 @@ def augment_sample(
     sample: SourceSample,
     pools: dict[str, list[str]],
     loader: ImageLoader,
+    sink: ImageSink,
+    image_prefix: str,
     cfg: RunConfig,
-    ctx_key: tuple[str, int],
     *,
     fmt: Format | None = None,
     salt: str = "",
-    image_prefix: str | None = None,
 ) -> tuple[AugmentedSample, bool]:
     """`fmt` forces the format; `salt` gives draws independent of the augment stage's
-    (the evaluate stage builds its benchmark with both); `image_prefix` is the store
-    folder of composed images (default: this run's augment/images/shard-N)."""
+    (the evaluate stage builds its benchmark with both); composed images are written
+    to `sink` under `image_prefix`. Returns (sample, whether a bbox question fell back
+    to the sequence format)."""
     acfg = cfg.augment
-    run_id, shard = ctx_key
     rng = sample_rng(cfg.seed, salt + sample.id)
     fmt, fell_back = choose_format(rng, sample, acfg, fmt)
     if fmt == "sequence":
@@ -194,10 +170,9 @@ def augment_sample(
 
     def save(img: Image.Image) -> list[str]:
         """Composed images go to the store; records point at them."""
-        prefix = image_prefix or f"runs/{run_id}/augment/images/shard-{shard:05d}"
-        key = _image_key(prefix, sample_id, ext)
-        loader.ctx.store.put_bytes(key, encode_image(img, acfg.image_format, acfg.jpeg_quality))
-        return [loader.ctx.store.uri(key)]
+        key = _image_key(image_prefix, sample_id, ext)
+        sink.put_bytes(key, encode_image(img, acfg.image_format, acfg.jpeg_quality))
+        return [sink.uri(key)]
 
     if fmt == "pic_in_pic":
         ((_, background),) = distractors
@@ -231,47 +206,3 @@ def augment_sample(
         for t in sample.turns[1:]
     ]
     return AugmentedSample(**common, **record, turns=turns), fell_back
-
-
-def run_shard(task: Task, ctx: StageContext) -> ShardStats:
-    cfg = ctx.config
-    pools_cache = f"pools:{task.run_id}"
-    if pools_cache not in ctx.cache:
-        ctx.cache[pools_cache] = ctx.store.get_json(layout.pools_key(task.run_id))
-    pools: dict[str, list[str]] = ctx.cache[pools_cache]  # type: ignore[assignment]
-    stats = ShardStats(stage="augment", shard=task.shard)
-    drops = DropLog(stats)
-    loader = ImageLoader(ctx)
-    out: list[str] = []
-    fallbacks = 0
-    for row in ctx.store.get_jsonl(layout.shard_key(task.run_id, "plan", task.shard)):
-        rec = json.loads(row)
-        line, raw = rec["line"], rec["raw"]
-        stats.total += 1
-        raw_id = raw.get("id") if isinstance(raw, dict) else None
-        # An id of the wrong type (1.5, true, a list) does not name the sample: its line does.
-        usable = isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and raw_id != ""
-        label = str(raw_id) if usable else f"line-{line}"
-        if rec.get("duplicate_of"):
-            drops.drop(
-                label, "duplicate_id", f"id {label!r} already used on line {rec['duplicate_of']}"
-            )
-            continue
-        try:
-            sample = parse_sample(raw, line)
-            record, fell_back = augment_sample(
-                sample, pools, loader, cfg, (task.run_id, task.shard)
-            )
-        except SampleError as e:
-            drops.drop(label, e.reason, e.detail)
-            continue
-        fallbacks += fell_back
-        key = f"format_{record.format}"
-        stats.notes[key] = stats.notes.get(key, 0) + 1
-        out.append(record.model_dump_json())
-        stats.kept += 1
-    ctx.store.put_jsonl(layout.shard_key(task.run_id, "augment", task.shard), out)
-    drops.write(ctx.store, task)
-    if fallbacks:
-        stats.notes["bbox_to_sequence"] = fallbacks
-    return stats

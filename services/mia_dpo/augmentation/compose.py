@@ -1,4 +1,4 @@
-"""Image composition for the grid-collage and pic-in-pic formats (method.md 1b, 1c).
+"""Image composition for the grid-collage and pic-in-pic formats (docs/method.md §1b, §1c).
 
 Pure PIL: images in, images (and deterministic encoded bytes) out. Callers convert
 their inputs to RGB first; every function here refuses other modes so a stray

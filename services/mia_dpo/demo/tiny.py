@@ -23,9 +23,9 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mia_dpo.data.synthetic import COLOURS, COUNT_WORDS, SHAPES
+from mia_dpo.demo.synthetic import COLOURS, COUNT_WORDS, SHAPES
 from mia_dpo.models.prompting import INTERLEAVED_CHAT_TEMPLATE
-from mia_dpo.stages.augment.prompts import DEFAULT_PIP_PHRASINGS, IMAGE_TAG
+from mia_dpo.prompts import DEFAULT_PIP_PHRASINGS, IMAGE_TAG
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 # Fixed ids: the model config and the tokenizer must agree on them.

@@ -1,5 +1,8 @@
 """The stage contract: run(task, ctx) -> ShardStats.
 
+The runtime defines the contract and never imports a stage: the composition root
+(the CLI) hands the worker a `StageResolver` that maps a stage name to its function.
+
 A stage reads its inputs and writes its outputs only through `ctx.store` (and
 reads user images through `ctx.blobs`); it never imports redis, minio or
 kubernetes. Outputs go to deterministic keys, so a redelivered task overwrites
@@ -8,7 +11,6 @@ what a crashed attempt left behind. The worker writes the marker, not the stage.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -32,24 +34,8 @@ class StageContext:
 
 
 StageFn = Callable[[Task, StageContext], ShardStats]
-
-# Import paths, so a worker imports only its own stage (the augment worker has no torch).
-_STAGES: dict[str, str] = {
-    "augment": "mia_dpo.stages.augment:run_shard",
-    "generate": "mia_dpo.stages.generate:run_shard",
-    "score": "mia_dpo.stages.score:run_shard",
-    "select": "mia_dpo.stages.select:run_shard",
-    "train": "mia_dpo.stages.train:run_shard",
-    "evaluate": "mia_dpo.stages.evaluate:run_shard",
-}
-
-
-def get_stage(name: str) -> StageFn:
-    try:
-        module, attr = _STAGES[name].split(":")
-    except KeyError:
-        raise ValueError(f"unknown stage {name!r} (known: {', '.join(_STAGES)})") from None
-    return getattr(importlib.import_module(module), attr)
+# Stage name -> its function; raises ValueError for an unknown name.
+StageResolver = Callable[[str], StageFn]
 
 
 class DropLog:

@@ -2,11 +2,11 @@
 
     mia-dpo base-model --out runs/base [--seed 0] [--steps 1500]
     # without the CLI:
-    python -c "from mia_dpo.models.base import ensure_base_model; ensure_base_model('runs/base')"
+    python -c "from mia_dpo.demo.base_model import ensure_base_model as e; e('runs/base')"
 
 MIA-DPO needs a policy that already answers single-image questions but is confused
 by several images, so there are wrong answers to reject and headroom to gain
-(docs/findings.md). All weights of `build_tiny_model` are trained with a plain
+(docs/evidence.md). All weights of `build_tiny_model` are trained with a plain
 AdamW loop on single-image questions, plus a fraction of `sequence_prompt`
 questions so the model has at least seen `In Image{k}, ...`. The loss covers the
 answer and EOS only, on ids rendered by the pipeline's own chat template. Greedy
@@ -36,11 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mia_dpo import __version__
-from mia_dpo.data.synthetic import write_synthetic
+from mia_dpo.data.images import pad_to_square
+from mia_dpo.demo.synthetic import write_synthetic
+from mia_dpo.demo.tiny import build_tiny_model
+from mia_dpo.models.loading import pad_fill
 from mia_dpo.models.prompting import chat_text
-from mia_dpo.models.tiny import build_tiny_model
-from mia_dpo.stages.augment.prompts import IMAGE_TAG, sequence_prompt, strip_image_tag
-from mia_dpo.stages.model_inputs import pad_fill, pad_to_square
+from mia_dpo.prompts import IMAGE_TAG, sequence_prompt, strip_image_tag
 
 REPORT_NAME = "base.json"
 SEQUENCE_SIZES = (2, 3, 4)

@@ -1,4 +1,4 @@
-"""Question rewriting for the three augmentation formats (method.md 1a-1c).
+"""Question rewriting for the three augmentation formats (docs/method.md §1a-§1c).
 
 Every builder strips `<image>` tags from the incoming question before adding its
 own: the number of tags must equal the number of images handed to the model, and
@@ -10,11 +10,10 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from typing import Literal
+
+from mia_dpo.records import Format
 
 IMAGE_TAG = "<image>"
-
-Format = Literal["sequence", "grid", "pic_in_pic"]
 
 # Our own phrasings naming the inset image; the reference ships 93 of its own.
 # Each is a template with one `{question}` slot, filled with lower_first(question).
@@ -71,7 +70,7 @@ def strip_image_tag(text: str) -> str:
 def lower_first(text: str) -> str:
     """Lower-case the first letter so the question reads on after "In Image2, ".
 
-    Deviation from method.md (which lower-cases unconditionally): a first word that
+    Deviation from docs/method.md (which lower-cases unconditionally): a first word that
     starts with two capitals (an acronym such as "OCR", "TV", "TVs") or is the
     pronoun "I" ("I", "I'm") keeps its case, since lower-casing it changes the
     meaning or reads as a typo. Text not starting with a letter is returned as is.
@@ -108,7 +107,7 @@ def sequence_prompt(n: int, k: int, question: str) -> str:
 def grid_prompt(k: int, question: str) -> str:
     """First turn for a collage whose tile labelled Image{k} holds the target.
 
-    The question's case is kept: method.md writes `{question}` unchanged here,
+    The question's case is kept: docs/method.md writes `{question}` unchanged here,
     unlike the sequence and pic-in-pic formats.
     """
     _check_position(k)

@@ -1,0 +1,1 @@
+"""The demo: synthetic data, the tiny LLaVA and its base-model training, the packaged config."""
