@@ -68,8 +68,7 @@ from mia_dpo.errors import NotFound
 from mia_dpo.records import SINGLE_TASK_STAGES, STAGE_ORDER
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.store import S3Store
-from tests import servers
-from tests.servers import RedisServer, SeaweedS3, find_weed, pid_alive
+from tests.servers import RedisServer, SeaweedS3, find_weed, pid_alive, seaweed_server
 
 STAGES: tuple[str, ...] = STAGE_ORDER
 SHARDED = tuple(s for s in STAGES if s not in SINGLE_TASK_STAGES)
@@ -200,7 +199,7 @@ class FaultRedis(RedisServer):
 
 class FaultS3(SeaweedS3):
     """SeaweedS3 that can be stopped and started again on the SAME ports and data
-    directory (tests/servers.py picks new ports at every start)."""
+    directory (tests/servers picks new ports at every start)."""
 
     def halt(self) -> None:
         self.stop()  # keeps self.ports and self.dir
@@ -209,7 +208,7 @@ class FaultS3(SeaweedS3):
         assert self.dir is not None and self.ports
         ports = [self.ports[k] for k in ("master", "volume", "filer", "s3")]
         # _spawn_once draws its ports from free_seaweed_ports: hand it the old ones.
-        with mock.patch.object(servers, "free_seaweed_ports", lambda n: list(ports)):
+        with mock.patch.object(seaweed_server, "free_seaweed_ports", lambda n: list(ports)):
             self._spawn_once(find_weed(), self.dir / "s3.json", self.dir / "data", timeout)
 
 
