@@ -7,10 +7,11 @@ A real redis-server (append-only, password) and a real S3 server (SeaweedFS), bo
 free loopback ports and stopped by PID; the tiny LLaVA; 2 workers per stage. One clean
 run first, then for each fault kind `--trials` runs of all six stages (augment ->
 generate -> score -> select -> train -> evaluate), each under a new run id with the
-same seeds, with the fault injected at a random moment (tests/faults/harness.py says
-how each fault is made, and how lost and duplicated work is counted from the store and
-the Redis streams). A `sigkill` trial kills a worker in EVERY stage, so N sigkill trials
-are N kills per stage. Single-stage faults rotate over the six stages by trial number.
+same seeds, with the fault injected at a random moment (tests/faults/faults.py says
+how each fault is made, tests/faults/audit.py how lost and duplicated work is counted
+from the store and the Redis streams). A `sigkill` trial kills a worker in EVERY
+stage, so N sigkill trials are N kills per stage. Single-stage faults rotate over the
+six stages by trial number.
 
 Prints one row per fault kind: trials, completed runs, lost and duplicated tasks and
 samples, runs whose pairs files are byte-identical to the clean run's, runs whose
@@ -33,18 +34,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.faults.harness, tests.servers
+sys.path.insert(0, str(REPO))  # tests.faults, tests.servers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.faults.harness import (  # noqa: E402
-    FAULTS,
-    STAGES,
-    Lab,
-    LabSpec,
-    Outcome,
-    run_reference,
-    run_trial,
-)
+from tests.faults.audit import Outcome  # noqa: E402
+from tests.faults.faults import FAULTS, run_trial  # noqa: E402
+from tests.faults.lab import STAGES, Lab, LabSpec  # noqa: E402
+from tests.faults.trial import run_reference  # noqa: E402
 
 KINDS = ("sigkill", "controller", "redis", "s3", "drain")
 

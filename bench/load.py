@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/load.py [--tasks 10000] [--workers 1 4] [--lease-seconds 60]
 
-A real redis-server (tests/servers.py, a free loopback port, stopped by PID). For each
+A real redis-server (tests/servers, a free loopback port, stopped by PID). For each
 worker count, on a fresh run id, the harness plays the controller: it stores the run
 config, opens the stage, enqueues N tasks with RedisQueue.enqueue, starts the worker
 PROCESSES, waits until every task has its marker in the store, then closes the stage.

@@ -3,8 +3,8 @@ score -> select -> train -> evaluate, 2 workers per stage) against a real redis-
 (append-only) and a real S3 server, with every fault kind injected at least once; each
 run completes, loses and duplicates nothing (counted from the store and the Redis
 streams), writes pairs files byte-identical to the clean run's, and trains and
-evaluates. tests/faults/harness.py says how each fault is made and how work is counted;
-`bench/faults.py` runs many trials of each kind separately.
+evaluates. tests/faults/faults.py says how each fault is made, tests/faults/audit.py how
+work is counted; `bench/faults.py` runs many trials of each kind separately.
 
 To keep CI short the faults share two runs:
 - local launcher (the controller starts and restarts its worker processes): a worker
@@ -22,16 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (
-    EXIT_STOPPED,
-    STAGES,
-    Lab,
-    LabSpec,
-    Outcome,
-    Reference,
-    run_reference,
-    run_trial,
-)
+from tests.faults.audit import Outcome, Reference
+from tests.faults.faults import run_trial
+from tests.faults.lab import EXIT_STOPPED, STAGES, Lab, LabSpec
+from tests.faults.trial import run_reference
 
 pytestmark = pytest.mark.integration
 
