@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
     args = ap.parse_args()
 
-    from mia_dpo.models.tiny import build_tiny_model
+    from mia_dpo.demo.tiny import build_tiny_model
 
     tmp = tempfile.TemporaryDirectory(prefix="mia-faults-") if args.workdir is None else None
     root = args.workdir or Path(tmp.name)  # type: ignore[union-attr]

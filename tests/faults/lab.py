@@ -29,7 +29,7 @@ STAGES: tuple[str, ...] = STAGE_ORDER
 SHARDED = tuple(s for s in STAGES if s not in SINGLE_TASK_STAGES)
 NAMESPACE = "mia-dpo"
 REF_RUN = "ref"
-EXIT_STOPPED = 75  # mia_dpo.cli.EXIT_STOPPED
+EXIT_STOPPED = 75  # mia_dpo.cli.pipeline.EXIT_STOPPED
 
 
 class TrialError(RuntimeError):
@@ -105,7 +105,7 @@ class Lab:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> Lab:
-        from mia_dpo.data.synthetic import write_synthetic
+        from mia_dpo.demo.synthetic import write_synthetic
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.redis.start(self.root / "redis", appendonly=True, password="pw" + secrets.token_hex(8))
