@@ -6,10 +6,10 @@ A real redis-server (tests/servers, a free loopback port, stopped by PID). For e
 worker count, on a fresh run id, the harness plays the controller: it stores the run
 config, opens the stage, enqueues N tasks with RedisQueue.enqueue, starts the worker
 PROCESSES, waits until every task has its marker in the store, then closes the stage.
-Each worker process is the runtime's own `Worker` (claim through the Lua script, skip
-if marked, heartbeat thread, stage, marker, ack) on a LocalStore; the only substitute
-is the stage function: a trivial one, handed to the Worker as its `stage_fn`, that
-writes a one-line result.
+Each worker process (bench/load_worker.py) is the runtime's own `Worker` (claim through
+the Lua script, skip if marked, heartbeat thread, stage, marker, ack) on a LocalStore;
+the only substitute is the stage function: a trivial one, handed to the Worker as its
+`stage_fn`, that writes a one-line result.
 
 Checked afterwards: every task ran once, was acked once (the ack script answered
 'ok'), and has one marker; nothing is lost, duplicated or dead-lettered; the stream,
@@ -34,7 +34,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,164 +41,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Task.stage must be one of the pipeline's stages: the worker processes run this name,
-# with the stage function replaced by `noop_shard` in their registry.
-STAGE = "augment"
+sys.path.insert(0, str(REPO))  # bench.load_worker, tests.servers
+
+from bench.load_worker import STAGE, run_config, worker_main  # noqa: E402
+
+WORKER = REPO / "bench" / "load_worker.py"
 RUN_PREFIX = "load"
-
-# --------------------------------------------------------------------- worker side
-
-_exec_log: Any = None  # the worker process's log of stage runs (one task id a line)
-
-
-def noop_shard(task: Any, ctx: Any) -> Any:
-    """A trivial stage: one small result per task, through the store like a real one."""
-    from mia_dpo.records import ShardStats
-    from mia_dpo.runtime import layout
-
-    ctx.store.put_text(layout.shard_key(task.run_id, task.stage, task.shard), task.task_id + "\n")
-    _exec_log.write(task.task_id + "\n")
-    _exec_log.flush()
-    return ShardStats(stage=task.stage, shard=task.shard, total=1, kept=1)
-
-
-def _count_redis_requests() -> dict[str, int]:
-    """Patch redis-py in this process to count requests (round trips) and the commands
-    they carry: a single command is one of each, a pipeline one request of N commands."""
-    import redis
-    import redis.client
-
-    counts = {"requests": 0, "commands": 0}
-    single = redis.Redis.execute_command
-    pipelined = redis.client.Pipeline.execute
-
-    def execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        counts["requests"] += 1
-        counts["commands"] += 1
-        return single(self, *args, **options)
-
-    def execute(self: Any, raise_on_error: bool = True) -> Any:
-        if self.command_stack:
-            counts["requests"] += 1
-            counts["commands"] += len(self.command_stack)
-        return pipelined(self, raise_on_error)
-
-    redis.Redis.execute_command = execute_command  # type: ignore[method-assign]
-    redis.client.Pipeline.execute = execute  # type: ignore[method-assign]
-    return counts
-
-
-def _counting_queue(cfg: Any, ack_log: Any) -> Any:
-    """The real RedisQueue, logging each ack's outcome and counting the queue calls."""
-    from mia_dpo.runtime.redis_queue import RedisQueue
-
-    class CountingQueue(RedisQueue):
-        def __init__(self) -> None:
-            super().__init__(cfg)
-            self.calls: Counter[str] = Counter()
-            self.last_ack = 0.0
-            self._lock = threading.Lock()  # the heartbeat runs in its own thread
-
-        def _count(self, name: str) -> None:
-            with self._lock:
-                self.calls[name] += 1
-
-        def claim(self, run_id: str, stage: str, consumer: str) -> Any:
-            lease = super().claim(run_id, stage, consumer)
-            self._count("claim" if lease else "claim_empty")
-            return lease
-
-        def heartbeat(self, run_id: str, stage: str, lease: Any) -> bool:
-            self._count("heartbeat")
-            return super().heartbeat(run_id, stage, lease)
-
-        def ack(self, run_id: str, stage: str, lease: Any) -> bool:
-            ok = super().ack(run_id, stage, lease)
-            self._count("ack")
-            self.last_ack = time.monotonic()
-            ack_log.write(f"{'ack' if ok else 'lost'} {lease.task_id}\n")
-            ack_log.flush()
-            return ok
-
-        def fail(self, run_id: str, stage: str, lease: Any, error: str, tb: str,
-                 final: bool = False) -> str:  # fmt: skip
-            self._count("fail")
-            ack_log.write(f"fail {lease.task_id} {error}\n")
-            ack_log.flush()
-            return super().fail(run_id, stage, lease, error, tb, final)
-
-        def release(self, run_id: str, stage: str, lease: Any) -> None:
-            self._count("release")
-            super().release(run_id, stage, lease)
-
-        def counts(self, run_id: str, stage: str) -> Any:
-            self._count("counts")
-            return super().counts(run_id, stage)
-
-    return CountingQueue()
-
-
-def _config(redis_url: str, store_root: Path, lease_seconds: float) -> Any:
-    from mia_dpo.config import load_config
-
-    return load_config(
-        None,
-        overrides={
-            "stages": [STAGE],
-            "queue.backend": "redis",
-            "queue.url": redis_url,
-            "queue.lease_seconds": lease_seconds,
-            "store.backend": "local",
-            "store.root": str(store_root),
-        },
-        environ={},
-    )
-
-
-def worker_main(argv: list[str]) -> int:
-    """One worker process: ready -> (wait for 'go' on stdin) -> Worker.run() -> summary."""
-    global _exec_log
-    p = argparse.ArgumentParser(prog="load.py worker")
-    p.add_argument("--redis-url", required=True)
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--run-id", required=True)
-    p.add_argument("--logs", type=Path, required=True)
-    p.add_argument("--index", type=int, required=True)
-    p.add_argument("--lease-seconds", type=float, required=True)
-    args = p.parse_args(argv)
-
-    requests = _count_redis_requests()
-    from mia_dpo.runtime.store import LocalStore
-    from mia_dpo.runtime.worker import Worker
-
-    cfg = _config(args.redis_url, args.store, args.lease_seconds)
-    _exec_log = open(args.logs / f"exec-{args.index}.log", "a", encoding="utf-8")  # noqa: SIM115
-    ack_log = open(args.logs / f"ack-{args.index}.log", "a", encoding="utf-8")  # noqa: SIM115
-    queue = _counting_queue(cfg.queue, ack_log)
-    worker = Worker(cfg, args.run_id, STAGE, LocalStore(args.store), queue,
-                    stage_fn=noop_shard, consumer=f"load-{args.index}-{os.getpid()}")  # fmt: skip
-    worker._context()  # read the stored run config now, not on the clock
-    requests.update(requests=0, commands=0)
-    queue.calls.clear()
-    print(json.dumps({"ready": os.getpid()}), flush=True)
-    sys.stdin.readline()  # "go"
-    start = time.monotonic()
-    worker.run()
-    summary = {
-        "index": args.index,
-        "pid": os.getpid(),
-        "processed": worker.processed,
-        "start": start,
-        "last_ack": queue.last_ack,
-        "requests": requests["requests"],
-        "commands": requests["commands"],
-        "calls": dict(queue.calls),
-    }
-    _exec_log.close()
-    ack_log.close()
-    print(json.dumps(summary), flush=True)
-    return 0
-
 
 # -------------------------------------------------------------------- harness side
 
@@ -311,7 +158,7 @@ def run_load(
     run_id = run_id or f"{RUN_PREFIX}-{n_workers}w"
     store_root, logs = workdir / "store", workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    cfg = _config(redis_url, store_root, lease_seconds)
+    cfg = run_config(redis_url, store_root, lease_seconds)
     store_run_config(LocalStore(store_root), cfg, run_id)
     queue = RedisQueue(cfg.queue)
     tasks = [Task.make(run_id, STAGE, i) for i in range(n_tasks)]
@@ -324,7 +171,7 @@ def run_load(
     procs: list[subprocess.Popen[str]] = []
     try:
         for i in range(n_workers):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "worker",
+            cmd = [sys.executable, str(WORKER),
                    "--redis-url", redis_url, "--store", str(store_root), "--run-id", run_id,
                    "--logs", str(logs), "--index", str(i),
                    "--lease-seconds", str(lease_seconds)]  # fmt: skip
@@ -456,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(REPO))  # tests.servers
     from tests.servers import RedisServer
 
     results: list[LoadResult] = []
