@@ -36,6 +36,9 @@ def run_demo(folder: Path, n: int, seed: int, quiet: bool, out: TextIO) -> int:
     for o in outcomes:
         dropped = ", ".join(f"{r} {k}" for r, k in sorted(o.stats.dropped.items())) or "none"
         print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}; dropped: {dropped}", file=out)
+        if o.stats.notes:  # formats, pairs per format, fallbacks
+            notes = ", ".join(f"{k} {n}" for k, n in sorted(o.stats.notes.items()))
+            print(f"  {notes}", file=out)
     report = write_report(store, BlobReader(cfg.store), RUN_ID, folder / "report.html")
     sheet = contact_sheet(store, cfg, RUN_ID, folder / "contact-sheet.png")
     print(f"report -> {report}\ncontact sheet -> {sheet}", file=out)
