@@ -124,3 +124,17 @@ def test_build_context_excludes_local_state() -> None:
     assert rules[0] == "*"  # an allowlist: .git, .venv, .demo, tests, ... stay out
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     assert {"pyproject.toml", "README.md", "services", "docker/image", "docker/local"} <= allowed
+    # the wheel's license file and the pins every image installs within
+    assert {"LICENSE", "constraints.txt"} <= allowed
+
+
+def test_both_images_install_within_constraints() -> None:
+    """Every dependency install of both images is bounded by constraints.txt (what CI
+    tested), so an image built in a year has the same versions."""
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    runs = [ln for ln in text.splitlines() if ln.startswith("RUN ") and "requirements.txt" in ln]
+    installs = [r for r in runs if "-r /ctx/requirements.txt" in r]
+    assert len(installs) == 2, runs  # venv-light and venv-gpu
+    for run in installs:
+        assert "-c /ctx/project-constraints.txt" in run, run
+    assert text.count("COPY constraints.txt /ctx/project-constraints.txt") == 2
