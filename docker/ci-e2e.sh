@@ -267,7 +267,7 @@ docker run --rm "$GPU" sh -c '
   for f in gcc cc make; do if command -v $f; then echo "build tool $f in the image"; exit 1; fi; done
   for d in /ctx /dist /overlay /tmp/.cache; do if [ -e $d ]; then echo "$d left in the image"; exit 1; fi; done
   ls /opt/venv/lib/python3*/site-packages/torch/__pycache__/__init__.*.pyc >/dev/null
-  ls /opt/venv/lib/python3*/site-packages/mia_dpo/__pycache__/cli.*.pyc >/dev/null
+  ls /opt/venv/lib/python3*/site-packages/mia_dpo/cli/__pycache__/__init__.*.pyc >/dev/null
   python -c "import torch; assert torch.__version__.endswith(\"+cpu\"), torch.__version__"'
 
 # --- 5. the stack ------------------------------------------------------------------
