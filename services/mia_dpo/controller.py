@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -185,10 +186,13 @@ class Controller:
         stages: StageResolver,
         launcher: Launcher | None = None,
         progress: bool = True,
+        checks: Sequence[Callable[[RunConfig], None]] = (),
     ) -> None:
         """`stages` maps a stage name to its function (for workers this process runs);
-        the composition root (the CLI) hands it in, so the controller imports no stage."""
+        `checks` run before any work (the model self-check). The composition root (the
+        CLI) hands both in, so the controller imports no stage and no model code."""
         self.cfg, self.run_id, self.store, self.queue = cfg, run_id, store, queue
+        self.checks = checks
         self.launcher = launcher or make_launcher(cfg, store, queue, stages)
         self.show_progress = progress
 
@@ -207,6 +211,8 @@ class Controller:
                 "(e.g. 0.1); with 0 there is nothing to evaluate on"
             )
         self.launcher.preflight(list(self.cfg.stages))
+        for check in self.checks:
+            check(self.cfg)
         plan = plan_run(self.store, BlobReader(self.cfg.store), self.cfg, self.run_id)
         store_run_config(self.store, self.cfg, self.run_id)
         log.info("run %s: %d samples in %d shards", self.run_id, plan.n_records, plan.n_shards)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +19,15 @@ from transformers import AutoConfig, LlavaNextConfig
 from mia_dpo.config import ModelConfig
 from mia_dpo.demo.tiny import IMAGE_TOKEN_ID
 from mia_dpo.errors import UserError
+from mia_dpo.models import loading
 from mia_dpo.models.attention import decoder_layers
-from mia_dpo.models.loading import LoadedModel, image_spans, image_token_layout, load_model
+from mia_dpo.models.loading import (
+    LoadedModel,
+    check_model,
+    image_spans,
+    image_token_layout,
+    load_model,
+)
 from mia_dpo.models.prompting import chat_text
 from mia_dpo.prompts import grid_prompt, sequence_prompt
 
@@ -236,3 +247,53 @@ def test_an_unreadable_weights_file_is_named(
     )
     with pytest.raises(UserError, match=r"cannot read model\.safetensors as uid \d+ \(permission"):
         load_model(ModelConfig(path=str(model_dir)))
+
+
+def _full_strategy_copy(tiny_model_dir: Path, dest: Path) -> Path:
+    """A model whose config arithmetic says 65 tokens per image (CLS kept: 'full') while
+    its processor still inserts 64: the LLaVA-Interleave kind of mismatch."""
+    shutil.copytree(tiny_model_dir, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "full"
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_the_probe_refuses_what_config_arithmetic_accepts(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the static processor check blind (as for processors whose count it cannot
+    read), the two-image probe still sees what the processor really inserts."""
+    path = _full_strategy_copy(tiny_model_dir, tmp_path / "m")
+    monkeypatch.setattr(loading, "_processor_tokens_per_image", lambda processor: None)
+    with pytest.raises(UserError) as err:
+        check_model(ModelConfig(path=str(path)))
+    msg = str(err.value)
+    assert msg.startswith(f"model.path: {path} (model type 'llava')")
+    assert "128 image tokens for 2 images, expected 130" in msg and "\n" not in msg
+    layout = check_model(ModelConfig(path=str(tiny_model_dir)))  # the real one passes
+    assert (layout.tokens_per_image, layout.patch_grid) == (64, (8, 8))
+
+
+def test_a_run_refuses_the_model_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`mia-dpo run` checks the model before planning: exit 2, one line, nothing stored."""
+    from mia_dpo.demo.synthetic import write_synthetic
+
+    path = _full_strategy_copy(tiny_model_dir, tmp_path / "m")
+    data = write_synthetic(tmp_path / "src", 12, seed=0)
+    cfg = {
+        "stages": ["augment", "generate"],
+        "input": {"path": str(data), "image_root": str(tmp_path / "src" / "images")},
+        "store": {"backend": "local", "root": str(tmp_path / "store")},
+        "model": {"path": str(path)},
+    }
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIA_DPO_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mia_dpo", "run", str(tmp_path / "run.yaml"), "--run-id", "r"],
+        capture_output=True, text=True, env=env | {"HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mia-dpo: error: model.path:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "store" / "runs" / "r").exists()

@@ -16,7 +16,7 @@ from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from mia_dpo.demo.synthetic import COLOURS, COUNT_WORDS, SHAPES
 from mia_dpo.demo.tiny import build_tiny_model
-from mia_dpo.models.prompting import answer_messages, chat_text, prompt_messages
+from mia_dpo.models.prompting import answer_messages, chat_text, encode, prompt_messages
 from mia_dpo.prompts import (
     DEFAULT_PIP_PHRASINGS,
     grid_prompt,
@@ -139,3 +139,36 @@ def test_trl_vision_collator_sees_the_generation_prompt_tokens(processor: Any) -
         completion = batch["input_ids"][row][batch["completion_mask"][row].bool()]
         assert tok.convert_ids_to_tokens(completion.tolist()) == [answer, "</s>"]
     assert torch.equal(batch["pixel_values"][:2], generation["pixel_values"])
+
+
+def test_a_bos_adding_tokenizer_gets_one_bos_as_in_training(processor: Any) -> None:
+    """Llama-style tokenizers add a BOS that the chat template writes too: the stages
+    encode with the tokenizer's special tokens off (`encode`), as TRL's collator does,
+    so generation, scoring and training all see `<s>USER:` once."""
+    from tokenizers import processors
+
+    tok = processor.tokenizer
+    bos = tok.bos_token_id
+    saved = tok.backend_tokenizer.post_processor
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)]
+    )
+    try:
+        prompt = sequence_prompt(2, 1, "What colour is the circle?")
+        images = [Image.new("RGB", (64, 64), (0, 200, 0)), Image.new("RGB", (64, 64), (0, 0, 9))]
+        text = chat_text(processor, prompt)
+        assert text.startswith(tok.bos_token)
+        naive = processor(text=[text], images=images, return_tensors="pt")["input_ids"][0]
+        assert naive[:2].tolist() == [bos, bos]  # the defect this guards against
+        ours = encode(processor, [text], images, return_tensors="pt")["input_ids"][0]
+        assert ours[0] == bos and ours[1] != bos and (ours == bos).sum() == 1
+        example = {
+            "images": images,
+            "prompt": prompt_messages(prompt),
+            "chosen": answer_messages("green"),
+            "rejected": answer_messages("red"),
+        }
+        batch = DataCollatorForVisionPreference(processor)([example])
+        assert torch.equal(batch["input_ids"][0, : len(ours)], ours)
+    finally:
+        tok.backend_tokenizer.post_processor = saved

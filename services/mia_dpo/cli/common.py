@@ -7,11 +7,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mia_dpo.config import RunConfig, load_config
 from mia_dpo.errors import UserError
-from mia_dpo.extras import require
+from mia_dpo.extras import missing, require
 from mia_dpo.records import MODEL_STAGES, check_run_id
 from mia_dpo.runtime.queue import Queue
 from mia_dpo.runtime.store import Store
@@ -77,3 +78,20 @@ def require_model_for(stages: list[str], what: str) -> None:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, sort_keys=False))
+
+
+def run_checks(cfg: RunConfig) -> list[Callable[[RunConfig], None]]:
+    """What a run checks before any work. The model self-check (config, processor and a
+    two-image probe, no weights) runs where this process or its local workers will load
+    the model; on Kubernetes or Compose the controller has no model packages and each
+    model worker makes the same check on load, refusing without a retry."""
+    local = cfg.launcher.kind in ("inline", "local")
+    if local and any(s in MODEL_STAGES for s in cfg.stages) and not missing("model"):
+        return [_check_model]
+    return []
+
+
+def _check_model(cfg: RunConfig) -> None:
+    from mia_dpo.models.loading import check_model
+
+    check_model(cfg.model)

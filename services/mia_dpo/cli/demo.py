@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from mia_dpo.cli.common import connections
+from mia_dpo.cli.common import connections, run_checks
 from mia_dpo.controller import Controller
 from mia_dpo.demo.config import RUN_ID, demo_config
 from mia_dpo.demo.synthetic import write_synthetic
@@ -32,7 +32,10 @@ def run_demo(folder: Path, n: int, seed: int, quiet: bool, out: TextIO) -> int:
     print(f"base model -> {base}", file=out)
     cfg = demo_config(folder)
     store, queue = connections(cfg)
-    outcomes = Controller(cfg, RUN_ID, store, queue, stages=get_stage, progress=not quiet).run()
+    controller = Controller(
+        cfg, RUN_ID, store, queue, stages=get_stage, progress=not quiet, checks=run_checks(cfg)
+    )
+    outcomes = controller.run()
     for o in outcomes:
         dropped = ", ".join(f"{r} {k}" for r, k in sorted(o.stats.dropped.items())) or "none"
         print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}; dropped: {dropped}", file=out)

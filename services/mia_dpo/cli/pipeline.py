@@ -18,6 +18,7 @@ from mia_dpo.cli.common import (
     open_run,
     print_json,
     require_model_for,
+    run_checks,
     run_id_arg,
 )
 from mia_dpo.config import load_config
@@ -46,8 +47,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_model_for(cfg.stages, f"the {cfg.launcher.kind} launcher running a model stage")
     store, queue = connections(cfg)
     controller = Controller(
-        cfg, run_id, store, queue, stages=get_stage, progress=not (args.quiet or args.json)
-    )
+        cfg, run_id, store, queue, stages=get_stage, progress=not (args.quiet or args.json),
+        checks=run_checks(cfg),
+    )  # fmt: skip
     where = store.uri(layout.run_prefix(run_id).rstrip("/"))
     print(f"run {run_id}: store {where}", file=sys.stderr)
     try:

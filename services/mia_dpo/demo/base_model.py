@@ -40,7 +40,7 @@ from mia_dpo.data.images import pad_to_square
 from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.loading import pad_fill
-from mia_dpo.models.prompting import chat_text
+from mia_dpo.models.prompting import chat_text, encode
 from mia_dpo.prompts import IMAGE_TAG, sequence_prompt, strip_image_tag
 
 REPORT_NAME = "base.json"
@@ -121,7 +121,7 @@ def encode_example(processor: Any, prompt: str, answer: str) -> tuple[list[int],
     side = processor.image_processor.crop_size["height"]
     # Blank images only make the processor expand each <image> to its token count.
     blanks = [Image.new("RGB", (side, side))] * prompt.count(IMAGE_TAG)
-    prompt_ids = processor(text=[chat_text(processor, prompt)], images=blanks)["input_ids"][0]
+    prompt_ids = encode(processor, [chat_text(processor, prompt)], blanks)["input_ids"][0]
     tok = processor.tokenizer
     answer_ids = tok(f" {answer}{tok.eos_token}", add_special_tokens=False)["input_ids"]
     return [*prompt_ids, *answer_ids], [-100] * len(prompt_ids) + answer_ids
@@ -178,7 +178,7 @@ def evaluate(
             texts = [chat_text(processor, p) for p, _, _ in batch]
             paths = [records[i][0] for _, _, idx in batch for i in idx]
             images = [pad_to_square(Image.open(x).convert("RGB"), fill) for x in paths]
-            inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+            inputs = encode(processor, texts, images, padding=True, return_tensors="pt")
             out = model.generate(
                 **inputs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id
             )

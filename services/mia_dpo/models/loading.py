@@ -9,20 +9,28 @@ at load time, before their weights are read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
 from mia_dpo.config import ModelConfig
 from mia_dpo.errors import UserError
 from mia_dpo.models.attention import decoder_layers
-from mia_dpo.models.prompting import INTERLEAVED_CHAT_TEMPLATE, keeps_image_order
+from mia_dpo.models.prompting import (
+    INTERLEAVED_CHAT_TEMPLATE,
+    chat_text,
+    encode,
+    keeps_image_order,
+)
 
 log = logging.getLogger("mia_dpo.models")
 
@@ -222,22 +230,96 @@ def choose_chat_template(processor: Any, mode: str, name: str) -> None:
         )
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Processor and model from a local save_pretrained directory or a hub id."""
+@dataclass(frozen=True)
+class ImageLayout:
+    """How a checked model's processor lays images out in the token stream."""
+
+    image_token_id: int
+    tokens_per_image: int
+    patch_grid: tuple[int, int]
+
+
+PROBE_PROMPT = "Image1:<image>\nImage2:<image>\nIn Image2, what is it?"
+
+
+def probe_image_tokens(processor: Any, layout: ImageLayout, name: str, model_type: str) -> None:
+    """Process a two-image probe prompt and compare the image tokens the processor really
+    inserted with the layout the model was accepted for: a mismatch is refused here,
+    with the config field named, instead of failing inside a stage."""
+    images = [Image.new("RGB", (64, 48), (128, 128, 128)), Image.new("RGB", (48, 64), (9, 9, 9))]
+    ids = encode(processor, [chat_text(processor, PROBE_PROMPT)], images, return_tensors="pt")
+    ids = ids["input_ids"][0]
+    found = int((ids == layout.image_token_id).sum())
+    expected = 2 * layout.tokens_per_image
+    try:
+        if found != expected:
+            raise ValueError(f"{found} image tokens for 2 images, expected {expected}")
+        image_spans(ids, layout.image_token_id, layout.tokens_per_image)
+    except ValueError as e:
+        raise UserError(
+            f"model.path: {name} (model type {model_type!r}): the processor's image tokens do "
+            f"not match the model ({e}); supported: llava (fixed-resolution)"
+        ) from None
+
+
+def _open(cfg: ModelConfig) -> tuple[Any, Any, dict[str, Any]]:
     if not cfg.path:
         raise UserError("model.path is empty: set a local model directory or a hub id")
     _check_local_dir(cfg.path, cfg.allow_pickle)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    try:
+    with _load_errors(cfg):
         processor = AutoProcessor.from_pretrained(cfg.path, **common)
         config = AutoConfig.from_pretrained(cfg.path, **common)
-        # Before the weights: refusing a 7B model should not take minutes.
-        token_id, tokens, grid = image_token_layout(config, processor)
-        choose_chat_template(processor, cfg.chat_template, cfg.path)
-        # A per-tensor progress bar in every worker's log helps nobody.
-        hf_logging.disable_progress_bar()
+    return processor, config, common
+
+
+@contextlib.contextmanager
+def _load_errors(cfg: ModelConfig) -> Iterator[None]:
+    """Loading errors as one line naming model.path (a UserError: never retried)."""
+    try:
+        yield
+    except ImportError as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.path: {cfg.path!r} needs a package that is not installed ({why}): "
+            "pip install 'mia-dpo[model]'; fast image processors also need torchvision"
+        ) from e
+    except (OSError, ValueError) as e:
+        hint = ""
+        if "safetensors" in str(e) and not cfg.allow_pickle:
+            hint = " (only pickle weights? convert to safetensors or set model.allow_pickle)"
+        elif "trust_remote_code" in str(e):
+            hint = " (the checkpoint ships code: review it, then set model.trust_remote_code)"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: cannot load {cfg.path!r}: {first_line}{hint}") from e
+
+
+def _check(cfg: ModelConfig, processor: Any, config: Any) -> ImageLayout:
+    token_id, tokens, grid = image_token_layout(config, processor)
+    choose_chat_template(processor, cfg.chat_template, cfg.path)
+    layout = ImageLayout(token_id, tokens, grid)
+    model_type = _get(config, "model_type") or type(config).__name__
+    probe_image_tokens(processor, layout, cfg.path, model_type)
+    return layout
+
+
+def check_model(cfg: ModelConfig) -> ImageLayout:
+    """The self-check a run does before any stage: config and processor only (no
+    weights), the image layout, the chat template, the two-image probe."""
+    processor, config, _ = _open(cfg)
+    return _check(cfg, processor, config)
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Processor and model from a local save_pretrained directory or a hub id."""
+    processor, config, common = _open(cfg)
+    # Before the weights: refusing a 7B model should not take minutes.
+    layout = _check(cfg, processor, config)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    # A per-tensor progress bar in every worker's log helps nobody.
+    hf_logging.disable_progress_bar()
+    with _load_errors(cfg):
         model = AutoModelForImageTextToText.from_pretrained(
             cfg.path,
             config=config,
@@ -248,14 +330,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             use_safetensors=None if cfg.allow_pickle else True,
             **common,
         )
-    except (OSError, ValueError) as e:
-        hint = ""
-        if "safetensors" in str(e) and not cfg.allow_pickle:
-            hint = " (only pickle weights? convert to safetensors or set model.allow_pickle)"
-        elif "trust_remote_code" in str(e):
-            hint = " (the checkpoint ships code: review it, then set model.trust_remote_code)"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.path: cannot load {cfg.path!r}: {first_line}{hint}") from e
     model.eval()
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # batched generation appends on the right
@@ -265,9 +339,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model=model,
         processor=processor,
         tokenizer=tokenizer,
-        image_token_id=token_id,
-        tokens_per_image=tokens,
-        patch_grid=grid,
+        image_token_id=layout.image_token_id,
+        tokens_per_image=layout.tokens_per_image,
+        patch_grid=layout.patch_grid,
         num_layers=len(decoder_layers(model)),
         device=device,
         dtype=dtype,

@@ -101,6 +101,15 @@ def chat_text(processor: Any, prompt: str) -> str:
     return text
 
 
+def encode(processor: Any, texts: list[str], images: Any, **kwargs: Any) -> Any:
+    """The processor over texts that `chat_text` rendered: generation, scoring and
+    evaluation all encode through here, with the tokenizer's own special tokens off,
+    exactly as TRL's vision collator does at training. The template already wrote
+    the BOS; a Llama-style tokenizer would otherwise add a second one
+    (`<s><s>USER:` at generation against `<s>USER:` at training)."""
+    return processor(text=texts, images=images, add_special_tokens=False, **kwargs)
+
+
 def keeps_image_order(processor: Any) -> bool:
     """Whether the processor's chat template keeps text and images where the prompt has them."""
     try:

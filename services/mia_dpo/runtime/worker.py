@@ -149,10 +149,11 @@ class Worker:
                     self.processed += 1
             q.ack(run_id, stage, lease)
         except Exception as e:
-            # Reading outside the run's scope will not get better on retry.
+            # Neither reading outside the run's scope nor a configuration error (a
+            # UserError: an unsupported model, a bad field) gets better on retry.
             outcome = q.fail(
                 run_id, stage, lease, f"{type(e).__name__}: {e}", traceback.format_exc(),
-                final=isinstance(e, OutsideScope),
+                final=isinstance(e, (OutsideScope, UserError)),
             )  # fmt: skip
             log.error("%s attempt %d failed (%s): %s", task.task_id, lease.attempt, outcome, e)
         except BaseException:

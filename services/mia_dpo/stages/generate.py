@@ -14,7 +14,7 @@ import math
 import torch
 
 from mia_dpo.errors import SampleError
-from mia_dpo.models.prompting import chat_text
+from mia_dpo.models.prompting import chat_text, encode
 from mia_dpo.records import AugmentedSample, GeneratedSample, Response, ShardStats, Task
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.context import DropLog, StageContext
@@ -49,9 +49,7 @@ def generate_batch(
     gcfg = ctx.config.generate
     texts = [chat_text(lm.processor, s.prompt) for s, _ in batch]
     images = [img for _, imgs in batch for img in imgs]  # flat, in prompt order
-    inputs = lm.processor(text=texts, images=images, padding=True, return_tensors="pt").to(
-        lm.device
-    )
+    inputs = encode(lm.processor, texts, images, padding=True, return_tensors="pt").to(lm.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
     sampling = gcfg.temperature > 0

@@ -18,7 +18,7 @@ from mia_dpo.answers import same_answer
 from mia_dpo.errors import SampleError, UserError
 from mia_dpo.models.attention import capture_layer_attention
 from mia_dpo.models.loading import image_spans
-from mia_dpo.models.prompting import chat_text
+from mia_dpo.models.prompting import chat_text, encode
 from mia_dpo.models.ratios import attention_ratio, reject_by_attention
 from mia_dpo.records import (
     AugmentedSample,
@@ -40,8 +40,8 @@ def score_batch(
     its response rows over every image token, and its image spans."""
     encoded = []
     for sample, images, response in items:
-        enc = lm.processor(
-            text=[chat_text(lm.processor, sample.prompt)], images=images, return_tensors="pt"
+        enc = encode(
+            lm.processor, [chat_text(lm.processor, sample.prompt)], images, return_tensors="pt"
         )
         prompt_ids = enc["input_ids"][0]
         ids = torch.cat([prompt_ids, torch.tensor(response.token_ids, dtype=prompt_ids.dtype)])
