@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 
-from tests.families.templates import chatml, llava_next_mistral
+from tests.families import templates
 from tests.families.tokenizer import TokenizerSpec, build_tokenizer
 
 SEED = 0
@@ -117,7 +117,7 @@ def llava_interleave(out: Path) -> Path:
         patch_size=patch,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
-        chat_template=chatml("<image>"),
+        chat_template=templates.chatml("<image>"),
     )
     return _save(out, LlavaForConditionalGeneration, config, processor)
 
@@ -172,12 +172,198 @@ def llava_next(out: Path) -> Path:
         patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS, which "default" drops again
-        chat_template=llava_next_mistral("<image>"),
+        chat_template=templates.llava_next_mistral("<image>"),
     )
     return _save(out, LlavaNextForConditionalGeneration, config, processor)
+
+
+def idefics3(out: Path) -> Path:
+    """HuggingFaceM4/Idefics3-8B-Llama3: the image is split into tiles of
+    `max_image_size` plus a global view, each tile `<fake_token_around_image><row_r_col_c>`
+    + pixel-shuffled tokens; Llama decoder, Llama-3 tokenizer (adds BOS)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    tile, patch, scale = 32, 8, 2
+    rows = [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+    tok = build_tokenizer(
+        TokenizerSpec(
+            bos="<|begin_of_text|>",
+            eos="<end_of_utterance>",
+            pad="<|finetune_right_pad_id|>",
+            special=("<fake_token_around_image>", "<global-img>", *rows),
+            named={"image_token": "<image>"},
+            add_bos=True,
+        )
+    )
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(**_vision(image_size=tile, patch_size=patch)),
+        text_config=LlamaConfig(**_text(tok)),
+        image_token_id=tok.image_token_id,
+        scale_factor=scale,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_len=(tile // patch) ** 2 // scale**2,
+        chat_template=templates.idefics3("<image>"),
+    )
+    return _save(out, Idefics3ForConditionalGeneration, config, processor)
+
+
+def gemma3(out: Path) -> Path:
+    """google/gemma-3-*-it: SigLIP tower pooled to `mm_tokens_per_image` soft tokens
+    between `<start_of_image>`/`<end_of_image>`, `token_type_ids` marking them (images
+    attend bidirectionally); Gemma tokenizer adds BOS and so does the template."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    size, patch, soft = 32, 8, 4  # 4x4 patches average-pooled to 2x2 soft tokens
+    tok = build_tokenizer(
+        TokenizerSpec(
+            bos="<bos>",
+            eos="<eos>",
+            pad="<pad>",
+            special=("<start_of_turn>", "<end_of_turn>"),
+            named={
+                "boi_token": "<start_of_image>",
+                "eoi_token": "<end_of_image>",
+                "image_token": "<image_soft_token>",
+            },
+            add_bos=True,
+        )
+    )
+    head_dim = HIDDEN // HEADS
+    text = Gemma3TextConfig(
+        **_text(tok, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=64)
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**_vision(image_size=size, patch_size=patch)),
+        mm_tokens_per_image=soft,
+        boi_token_index=tok.convert_tokens_to_ids(tok.boi_token),
+        eoi_token_index=tok.convert_tokens_to_ids(tok.eoi_token),
+        image_token_index=tok.image_token_id,
+    )
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tok,
+        image_seq_length=soft,
+        chat_template=templates.gemma("<start_of_image>"),
+    )
+    return _save(out, Gemma3ForConditionalGeneration, config, processor)
+
+
+def paligemma(out: Path) -> Path:
+    """google/paligemma-*: SigLIP tower, prefix-LM (`token_type_ids`: 0 for the prefix,
+    1 for a suffix); the processor writes BOS after the last image itself."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    size, patch = 32, 8
+    tok = build_tokenizer(
+        TokenizerSpec(bos="<bos>", eos="<eos>", pad="<pad>", named={"image_token": "<image>"})
+    )
+    # The processor adds PaliGemma's 1152 `<locNNNN>`/`<segNNN>` tokens to the tokenizer
+    # at construction: build it first, so the vocabulary size includes them.
+    image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+    image_processor.image_seq_length = (size // patch) ** 2
+    processor = PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=templates.plain("<image>")
+    )
+    vision = SiglipVisionConfig(**_vision(image_size=size, patch_size=patch, projection_dim=HIDDEN))
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=GemmaConfig(**_text(tok, head_dim=HIDDEN // HEADS)),
+        image_token_index=tok.image_token_id,
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+    )
+    return _save(out, PaliGemmaForConditionalGeneration, config, processor)
+
+
+def mllama(out: Path) -> Path:
+    """meta-llama/Llama-3.2-*-Vision: no image tokens in the decoder's sequence beyond
+    one `<|image|>` per image; pictures enter through cross-attention layers, tiled
+    (`aspect_ratio_ids`, `cross_attention_mask`); Llama-3 tokenizer adds BOS."""
+    from transformers import (
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+        MllamaTextConfig,
+        MllamaVisionConfig,
+    )
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tile, patch, tiles = 32, 8, 2
+    tok = build_tokenizer(
+        TokenizerSpec(
+            bos="<|begin_of_text|>",
+            eos="<|eot_id|>",
+            pad="<|finetune_right_pad_id|>",
+            special=("<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"),
+            named={"image_token": "<|image|>"},
+            add_bos=True,
+        )
+    )
+    # The projector reads the last layer plus these intermediate ones, concatenated.
+    layers = [0]
+    vision = MllamaVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=2 * VISION_HIDDEN,
+        num_hidden_layers=VISION_LAYERS,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=tile,
+        patch_size=patch,
+        max_num_tiles=tiles,
+        # What the image processor allows for 2 tiles (the default list assumes 4).
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+        intermediate_layers_indices=layers,
+        vision_output_dim=VISION_HIDDEN * (len(layers) + 1),
+    )
+    text = MllamaTextConfig(**_text(tok), cross_attention_layers=[1])
+    config = MllamaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.image_token_id
+    )
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(
+            size={"height": tile, "width": tile}, max_image_tiles=tiles
+        ),
+        tokenizer=tok,
+        chat_template=templates.llama3("<|image|>"),
+    )
+    return _save(out, MllamaForConditionalGeneration, config, processor)
 
 
 FAMILIES: dict[str, Callable[[Path], Path]] = {
     "llava-interleave": llava_interleave,
     "llava-next": llava_next,
+    "idefics3": idefics3,
+    "gemma3": gemma3,
+    "paligemma": paligemma,
+    "mllama": mllama,
 }

@@ -75,3 +75,62 @@ def llava_next_mistral(placeholder: str) -> str:
         closes={"system": "\n<</SYS>>\n\n", "user": " [/INST]", "assistant": "</s>"},
         generation_prompt="",
     )
+
+
+def idefics3(placeholder: str) -> str:
+    """HuggingFaceM4/Idefics3-8B-Llama3: `<|begin_of_text|>User: ...<end_of_utterance>`."""
+    return chat_template(
+        placeholder,
+        opens={"system": "System: ", "user": "User: ", "assistant": "Assistant: "},
+        close="<end_of_utterance>\n",
+        generation_prompt="Assistant:",
+        prefix="{{ bos_token }}",
+    )
+
+
+def gemma(placeholder: str) -> str:
+    """google/gemma-3-*-it: `<bos><start_of_turn>user\\n...<end_of_turn>`, `model` role."""
+    return chat_template(
+        placeholder,
+        opens={r: f"<start_of_turn>{r}\n" for r in ("system", "user")}
+        | {"assistant": "<start_of_turn>model\n"},
+        close="<end_of_turn>\n",
+        generation_prompt="<start_of_turn>model\n",
+        prefix="{{ bos_token }}",
+    )
+
+
+def plain(placeholder: str) -> str:
+    """PaliGemma has no hub chat template: the prompt is the user text, the answer
+    follows it (the processor itself writes BOS after the last image and `\\n`)."""
+    return chat_template(
+        placeholder,
+        opens={"system": "", "user": "", "assistant": ""},
+        close="",
+        generation_prompt="",
+    )
+
+
+def mistral3(placeholder: str) -> str:
+    """mistralai/Mistral-Small-3.1-*: `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`."""
+    return chat_template(
+        placeholder,
+        opens={"system": "[SYSTEM_PROMPT]", "user": "[INST]", "assistant": ""},
+        close="",
+        closes={"system": "[/SYSTEM_PROMPT]", "user": "[/INST]", "assistant": "</s>"},
+        generation_prompt="",
+        prefix="{{ bos_token }}",
+    )
+
+
+def llama3(placeholder: str) -> str:
+    """meta-llama/Llama-3.2-*-Vision-Instruct: `<|begin_of_text|><|start_header_id|>role
+    <|end_header_id|>\\n\\n...<|eot_id|>`."""
+    roles = ("system", "user", "assistant")
+    return chat_template(
+        placeholder,
+        opens={r: f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in roles},
+        close="<|eot_id|>",
+        generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        prefix="{{ bos_token }}",
+    )

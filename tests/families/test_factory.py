@@ -38,7 +38,11 @@ class Expected:
     values: dict[str, Any] = field(default_factory=dict)
 
 
-_TEXT = {"input_ids", "attention_mask"}
+# Idefics3's span for one image cut into 2x2 tiles plus the global view.
+_IDEFICS3_2X2 = " ".join(
+    [f"<fake_token_around_image> <row_{r}_col_{c}> <image>x4" for r in (1, 2) for c in (1, 2)]
+    + ["<fake_token_around_image> <global-img> <image>x4 <fake_token_around_image>"]
+)
 
 EXPECTED: dict[str, Expected] = {
     # SigLIP has no CLS token and "full" keeps every patch: (32/8)^2 = 16, not 17.
@@ -59,6 +63,71 @@ EXPECTED: dict[str, Expected] = {
             "image_sizes": (2, 2),
         },
         values={"image_sizes": [[30, 40], [40, 30]]},
+    ),
+    # Image splitting: the image is resized to 64 on its longest side and cut into 32-pixel
+    # tiles (2x2 for both orientations here), each tile 4 tokens after the pixel shuffle,
+    # then a global view; pixel_values are flattened per prompt (5 views an image).
+    # The template writes BOS and so does the Llama-3 tokenizer: two BOS tokens.
+    "idefics3": Expected(
+        prefix="<|begin_of_text|>x2 User :",
+        spans=(_IDEFICS3_2X2, _IDEFICS3_2X2),
+        shapes={
+            "input_ids": (1, 82),
+            "attention_mask": (1, 82),
+            "pixel_values": (1, 10, 3, 32, 32),
+            "pixel_attention_mask": (1, 10, 32, 32),
+        },
+    ),
+    # 4x4 patches average-pooled to 4 soft tokens; token_type_ids are 1 on the soft tokens
+    # only (not on <start_of_image>/<end_of_image>). Double BOS as for idefics3.
+    "gemma3": Expected(
+        prefix="<bos>x2 <start_of_turn> user",
+        spans=(
+            "<start_of_image> <image_soft_token>x4 <end_of_image>",
+            "<start_of_image> <image_soft_token>x4 <end_of_image>",
+        ),
+        shapes={
+            "input_ids": (1, 32),
+            "attention_mask": (1, 32),
+            "pixel_values": (2, 3, 32, 32),
+            "token_type_ids": (1, 32),
+        },
+        values={"token_type_ids": "0x7 1x4 0x4 1x4 0x13"},
+    ),
+    # Images stay in place, but the processor writes BOS right after the last image (so
+    # the prompt starts without one) and returns labels even without a suffix (all -100).
+    # token_type_ids are 0 on the whole prefix: 1 would mark a suffix (the answer).
+    "paligemma": Expected(
+        prefix="",
+        spans=("<image>x16", "<image>x16 <bos>"),
+        shapes={
+            "input_ids": (1, 46),
+            "attention_mask": (1, 46),
+            "token_type_ids": (1, 46),
+            "labels": (1, 46),
+            "pixel_values": (2, 3, 32, 32),
+        },
+        values={"token_type_ids": "0x46", "labels": "-100x46"},
+    ),
+    # Cross-attention: one <|image|> token per image in the decoder stream, pictures tiled
+    # (40x30 -> 1x2 tiles, aspect id 2; 30x40 -> 2x1, aspect id 3). Every token attends
+    # only to the latest image: the question sees Image2 alone. Double BOS again.
+    "mllama": Expected(
+        prefix="<|begin_of_text|>x2 <|start_header_id|> user <|end_header_id|>",
+        spans=("<|image|>", "<|image|>"),
+        shapes={
+            "input_ids": (1, 24),
+            "attention_mask": (1, 24),
+            "cross_attention_mask": (1, 24, 2, 2),
+            "pixel_values": (1, 2, 2, 3, 32, 32),
+            "aspect_ratio_ids": (1, 2),
+            "aspect_ratio_mask": (1, 2, 2),
+        },
+        values={
+            "aspect_ratio_ids": [[2, 3]],
+            "aspect_ratio_mask": [[[1, 1], [1, 1]]],
+            "cross_attention_mask": "-x7 1x3 2x14",
+        },
     ),
 }
 
@@ -82,6 +151,20 @@ def run_length(items: list[Any]) -> str:
         out.append(str(items[i]) if j - i == 1 else f"{items[i]}x{j - i}")
         i = j
     return " ".join(out)
+
+
+def summary(key: str, value: torch.Tensor) -> Any:
+    """Per-token outputs of the one prompt as runs; anything else as a nested list."""
+    if key == "cross_attention_mask":
+        # Per token: which images (1-based) it may attend, `-` for none.
+        seen = [
+            ",".join(str(i + 1) for i, tiles in enumerate(row) if any(tiles)) or "-"
+            for row in value[0].tolist()
+        ]
+        return run_length(seen)
+    if key in {"token_type_ids", "labels"}:
+        return run_length(value[0].tolist())
+    return value.tolist()
 
 
 def split_stream(tokens: list[str]) -> tuple[str, str, str]:
@@ -127,8 +210,7 @@ def test_two_image_prompt(family: str, family_dirs: dict[str, Path]) -> None:
     shapes = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     assert shapes == expected.shapes
     for key, value in expected.values.items():
-        got = batch[key][0].tolist() if key == "token_type_ids" else batch[key].tolist()
-        assert (run_length(got) if key == "token_type_ids" else got) == value, key
+        assert summary(key, batch[key]) == value, key
 
     with torch.no_grad():
         logits = model(**batch).logits
