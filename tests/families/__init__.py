@@ -1,0 +1,1 @@
+"""Tiny random models of real vision-language architectures, built offline for tests."""

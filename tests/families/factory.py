@@ -9,7 +9,14 @@ folder that `AutoProcessor` and `AutoModelForImageTextToText` load offline.
 Sizes are the smallest that keep each architecture's shape rules (head dims that
 rotary embeddings can split, image sizes that tile): a forward pass takes
 milliseconds. Image processors are the PIL ("slow") classes: the default ("fast")
-ones need torchvision, which has no wheel for the CPU torch we run.
+ones need torchvision, which has no wheel for the CPU torch we run (the local
+torchvision 0.28 wheel, torch 2.13's match, is a CUDA build: its `_C.so` links
+libtorch_cuda; 0.29 needs torch 2.14 and is CUDA-built too).
+
+Not here, because without torchvision their real processor cannot even be built:
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and InternVL (the processor's `video_processor`
+slot needs `VideoProcessorMixin`, a torchvision-only class, even when passed None),
+SmolVLM (the same, and `num2words`), Mistral3 (`PixtralProcessor` requires torchvision).
 """
 
 from __future__ import annotations

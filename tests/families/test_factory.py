@@ -28,13 +28,13 @@ from tests.families.factory import FAMILIES
 class Expected:
     """What the processor emits for the 2-image prompt."""
 
-    # Tokens before the `Image1` label (BOS, turn markers; images moved up front).
+    # Tokens before the `Image1` label (BOS, turn markers).
     prefix: str
     # Per image: the tokens between its `ImageK :` label and the next word.
     spans: tuple[str, str]
     # Every tensor the processor returns: key -> shape.
     shapes: dict[str, tuple[int, ...]]
-    # Values worth pinning (`image_sizes`, `image_grid_thw`, run-length `token_type_ids`).
+    # Values worth pinning (`image_sizes`, tiling ids; per-token outputs as runs, see `summary`).
     values: dict[str, Any] = field(default_factory=dict)
 
 
