@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +64,14 @@ def test_no_credential_in_logs_stats_reports_or_the_store(
         )
         outputs = [run("run", str(cfg_path), "--run-id", "sec", env=env)]
         assert outputs[0].returncode == 0, outputs[0].stderr[-3000:]
-        # a failing run too: its error and dead letter are stored and printed
-        bad = {**doc, "model": {"path": str(tmp_path / "no-model")}, "stages": ["augment",
+        # a failing run too: its error and dead letter are stored and printed. The model
+        # passes the run's self-check (config, processor) but has no weights, so the
+        # generate workers fail on load and the task is dead-lettered.
+        no_weights = tmp_path / "no-weights"
+        shutil.copytree(tiny_model_dir, no_weights)
+        for weights in no_weights.glob("*.safetensors"):
+            weights.unlink()
+        bad = {**doc, "model": {"path": str(no_weights)}, "stages": ["augment",
                "generate"]}  # fmt: skip
         bad_path = tmp_path / "bad.yaml"
         bad_path.write_text(yaml.safe_dump(bad))
