@@ -69,6 +69,18 @@ def _get(config: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
 
 
+# The model types whose image tokens this project maps to attention blocks today: one
+# fixed-resolution picture per image token run (LLaVA-1.5, LLaVA-Interleave).
+SUPPORTED_MODEL_TYPES = ("llava",)
+# Refused by name, with the reason (docs/method.md §3 needs image tokens in the decoder).
+_REFUSED_WHY = {
+    "mllama": "cross-attention model: its decoder has no image tokens to attend to",
+    "paligemma": "prefix-LM (token_type_ids) not yet carried through scoring and training",
+}
+# Vision towers without a CLS token: every output token is a patch.
+_NO_CLS_TOWERS = ("siglip_vision_model",)
+
+
 def image_token_layout(model_config: Any, processor: Any) -> tuple[int, int, tuple[int, int]]:
     """(image_token_id, tokens_per_image, (rows, cols)) of a fixed-resolution LLaVA-style model.
 
@@ -80,12 +92,20 @@ def image_token_layout(model_config: Any, processor: Any) -> tuple[int, int, tup
     model_type = _get(model_config, "model_type") or type(model_config).__name__
     name = _get(model_config, "_name_or_path") or model_type
     vision = _get(model_config, "vision_config")
+    supported = ", ".join(f"{t} (fixed-resolution)" for t in SUPPORTED_MODEL_TYPES)
+    if model_type in _REFUSED_WHY:
+        raise UserError(
+            f"model.path: {name}: model type {model_type!r} is not supported: "
+            f"{_REFUSED_WHY[model_type]}; supported: {supported}"
+        )
     unsupported = UserError(
         f"model.path: {name}: cannot map image tokens to a patch grid for model type "
-        f"{model_type!r}; supported: llava (fixed-resolution)"
+        f"{model_type!r}; supported: {supported}"
     )
-    if vision is None or any(
-        _get(c, m) is not None for c in (model_config, vision) for m in _DYNAMIC_MARKERS
+    if (
+        model_type not in SUPPORTED_MODEL_TYPES
+        or vision is None
+        or any(_get(c, m) is not None for c in (model_config, vision) for m in _DYNAMIC_MARKERS)
     ):
         raise unsupported
     image_size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
@@ -99,7 +119,12 @@ def image_token_layout(model_config: Any, processor: Any) -> tuple[int, int, tup
     if strategy not in ("default", "full") or height % patch or width % patch:
         raise unsupported
     grid = (height // patch, width // patch)
-    tokens = grid[0] * grid[1] + (1 if strategy == "full" else 0)
+    # The tower's output: the patches, plus a CLS token first unless it has none
+    # (SigLIP, as in LLaVA-Interleave); "default" drops the first token, "full" keeps it.
+    has_cls = _get(vision, "model_type") not in _NO_CLS_TOWERS
+    if strategy == "default" and not has_cls:
+        raise unsupported  # it would drop a real patch: no whole grid is left
+    tokens = grid[0] * grid[1] + (1 if strategy == "full" and has_cls else 0)
 
     expected = _processor_tokens_per_image(processor)
     if expected is not None and expected != tokens:
@@ -258,7 +283,8 @@ def probe_image_tokens(processor: Any, layout: ImageLayout, name: str, model_typ
     except ValueError as e:
         raise UserError(
             f"model.path: {name} (model type {model_type!r}): the processor's image tokens do "
-            f"not match the model ({e}); supported: llava (fixed-resolution)"
+            f"not match the model ({e}); supported: "
+            + ", ".join(f"{t} (fixed-resolution)" for t in SUPPORTED_MODEL_TYPES)
         ) from None
 
 
