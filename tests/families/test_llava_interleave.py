@@ -22,8 +22,9 @@ from mia_dpo.models.loading import check_model
 from mia_dpo.models.prompting import chat_text, encode
 from mia_dpo.records import ScoredResponse
 from mia_dpo.runtime import layout
+from mia_dpo.runtime.context import StageContext
 from mia_dpo.runtime.queue import MemoryQueue
-from mia_dpo.runtime.store import LocalStore
+from mia_dpo.runtime.store import BlobReader, LocalStore
 from mia_dpo.stages import get_stage
 from tests.families.factory import FAMILIES
 from tests.integration.test_pairs_pipeline import COMMON
@@ -119,3 +120,62 @@ def test_shares_equal_an_eager_computation(run: tuple[LocalStore, list], model_d
             shares = [1 - r, r]
         np.testing.assert_allclose(rec.image_shares, shares, atol=1e-5)
         assert rec.ratio == pytest.approx(shares[s.target_index - 1], abs=1e-5)
+
+
+def _generated(store: LocalStore) -> list:
+    from mia_dpo.records import GeneratedSample
+
+    rows = []
+    for key in sorted(store.list(layout.stage_prefix("il", "generate"))):
+        if key.endswith(".jsonl") and not key.endswith(".dropped.jsonl"):
+            rows += [GeneratedSample.model_validate_json(r) for r in store.get_jsonl(key)]
+    return rows
+
+
+def test_batch_sizes_1_and_4_give_the_same_greedy_answers(
+    run: tuple[LocalStore, list], model_dir: Path
+) -> None:
+    from mia_dpo.models.loading import load_model
+    from mia_dpo.stages.generate import generate_batch
+    from mia_dpo.stages.model_inputs import load_images
+
+    store = run[0]
+    gens = _generated(store)[:4]
+    cfg = RunConfig.model_validate({**COMMON, "model": {"path": str(model_dir)}})
+    ctx = StageContext(store=store, blobs=BlobReader(cfg.store), config=cfg)
+    lm = load_model(cfg.model)
+    batch = [(g.sample, load_images(ctx, g.sample, lm)) for g in gens]
+    together = generate_batch(lm, ctx, batch)
+    alone = [generate_batch(lm, ctx, [item])[0] for item in batch]
+    assert [[r.token_ids for r in rs] for rs in together] == [
+        [r.token_ids for r in rs] for rs in alone
+    ]
+    # and the stage's own answers (batch size 3 in the run) are the same ones
+    assert [rs[0].token_ids for rs in alone] == [g.responses[0].token_ids for g in gens]
+
+
+def test_training_sees_the_generation_tokens(run: tuple[LocalStore, list], model_dir) -> None:
+    """TRL's collator builds the prompt ids generation and scoring saw, and the
+    rejected answer's ids are the generated ids."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from mia_dpo.models.prompting import answer_messages, prompt_messages
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    gen = next(g for g in _generated(run[0]) if g.responses[0].text.strip())
+    response = gen.responses[0]
+    images = [pad_to_square(Image.open(u).convert("RGB"), fill) for u in gen.sample.images]
+    prompt = encode(processor, [chat_text(processor, gen.sample.prompt)], images,
+                    return_tensors="pt")["input_ids"][0]  # fmt: skip
+    example = {"images": images, "prompt": prompt_messages(gen.sample.prompt),
+               "chosen": answer_messages(gen.sample.chosen),
+               "rejected": answer_messages(response.text)}  # fmt: skip
+    batch = DataCollatorForVisionPreference(processor)([example])
+    rejected = batch["input_ids"][1]
+    assert torch.equal(rejected[: len(prompt)], prompt)
+    completion = rejected[batch["completion_mask"][1].bool()].tolist()
+    n = len(response.token_ids)
+    assert completion[:n] == response.token_ids
+    # what follows is the template's end of the assistant turn (a cut answer has no EOS)
+    assert processor.tokenizer.decode(completion[n:]).strip() in (processor.tokenizer.eos_token, "")

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from mia_dpo.config import RunConfig, load_config
 from mia_dpo.errors import UserError
@@ -95,3 +95,17 @@ def _check_model(cfg: RunConfig) -> None:
     from mia_dpo.models.loading import check_model
 
     check_model(cfg.model)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{r} {n}" for r, n in sorted(counts.items())) or "none"
+
+
+def print_outcomes(outcomes: list[Any], out: TextIO = sys.stdout) -> None:
+    """One line per stage (kept, dropped by reason) and its notes (formats, pairs)."""
+    for o in outcomes:
+        note = " (already done)" if o.skipped else ""
+        print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}{note}; "
+              f"dropped: {_counts(o.stats.dropped)}", file=out)  # fmt: skip
+        if o.stats.notes:
+            print("  " + _counts(o.stats.notes), file=out)

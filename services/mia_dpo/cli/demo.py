@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from mia_dpo.cli.common import connections, run_checks
+from mia_dpo.cli.common import connections, print_outcomes, run_checks
 from mia_dpo.controller import Controller
 from mia_dpo.demo.config import RUN_ID, demo_config
 from mia_dpo.demo.synthetic import write_synthetic
@@ -36,12 +36,7 @@ def run_demo(folder: Path, n: int, seed: int, quiet: bool, out: TextIO) -> int:
         cfg, RUN_ID, store, queue, stages=get_stage, progress=not quiet, checks=run_checks(cfg)
     )
     outcomes = controller.run()
-    for o in outcomes:
-        dropped = ", ".join(f"{r} {k}" for r, k in sorted(o.stats.dropped.items())) or "none"
-        print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}; dropped: {dropped}", file=out)
-        if o.stats.notes:  # formats, pairs per format, fallbacks
-            notes = ", ".join(f"{k} {n}" for k, n in sorted(o.stats.notes.items()))
-            print(f"  {notes}", file=out)
+    print_outcomes(outcomes, out)
     report = write_report(store, BlobReader(cfg.store), RUN_ID, folder / "report.html")
     sheet = contact_sheet(store, cfg, RUN_ID, folder / "contact-sheet.png")
     print(f"report -> {report}\ncontact sheet -> {sheet}", file=out)

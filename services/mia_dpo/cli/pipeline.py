@@ -17,6 +17,7 @@ from mia_dpo.cli.common import (
     connections,
     open_run,
     print_json,
+    print_outcomes,
     require_model_for,
     run_checks,
     run_id_arg,
@@ -32,10 +33,6 @@ log = logging.getLogger("mia_dpo")
 # A worker stopped by SIGTERM/SIGINT before its stage was drained (EX_TEMPFAIL): its
 # task was finished or released, nothing failed; the chart's podFailurePolicy ignores it.
 EXIT_STOPPED = 75
-
-
-def _drops(counts: dict[str, int]) -> str:
-    return ", ".join(f"{r} {n}" for r, n in sorted(counts.items())) or "none"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -74,13 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         })  # fmt: skip
         return 0
     if plan.dropped:  # index lines that never became samples: count them here too
-        print(f"plan: {plan.total} index records; dropped: {_drops(plan.dropped)}")
-    for o in outcomes:
-        note = " (already done)" if o.skipped else ""
-        print(f"{o.stage}: kept {o.stats.kept} of {o.stats.total}{note}; dropped: "
-              f"{_drops(o.stats.dropped)}")  # fmt: skip
-        if o.stats.notes:
-            print("  " + ", ".join(f"{k} {n}" for k, n in sorted(o.stats.notes.items())))
+        dropped = ", ".join(f"{r} {n}" for r, n in sorted(plan.dropped.items()))
+        print(f"plan: {plan.total} index records; dropped: {dropped}")
+    print_outcomes(outcomes)
     return 0
 
 

@@ -72,6 +72,7 @@ def _get(config: Any, name: str) -> Any:
 # The model types whose image tokens this project maps to attention blocks today: one
 # fixed-resolution picture per image token run (LLaVA-1.5, LLaVA-Interleave).
 SUPPORTED_MODEL_TYPES = ("llava",)
+_SUPPORTED = ", ".join(f"{t} (fixed-resolution)" for t in SUPPORTED_MODEL_TYPES)
 # Refused by name, with the reason (docs/method.md §3 needs image tokens in the decoder).
 _REFUSED_WHY = {
     "mllama": "cross-attention model: its decoder has no image tokens to attend to",
@@ -92,15 +93,14 @@ def image_token_layout(model_config: Any, processor: Any) -> tuple[int, int, tup
     model_type = _get(model_config, "model_type") or type(model_config).__name__
     name = _get(model_config, "_name_or_path") or model_type
     vision = _get(model_config, "vision_config")
-    supported = ", ".join(f"{t} (fixed-resolution)" for t in SUPPORTED_MODEL_TYPES)
     if model_type in _REFUSED_WHY:
         raise UserError(
             f"model.path: {name}: model type {model_type!r} is not supported: "
-            f"{_REFUSED_WHY[model_type]}; supported: {supported}"
+            f"{_REFUSED_WHY[model_type]}; supported: {_SUPPORTED}"
         )
     unsupported = UserError(
         f"model.path: {name}: cannot map image tokens to a patch grid for model type "
-        f"{model_type!r}; supported: {supported}"
+        f"{model_type!r}; supported: {_SUPPORTED}"
     )
     if (
         model_type not in SUPPORTED_MODEL_TYPES
@@ -283,8 +283,7 @@ def probe_image_tokens(processor: Any, layout: ImageLayout, name: str, model_typ
     except ValueError as e:
         raise UserError(
             f"model.path: {name} (model type {model_type!r}): the processor's image tokens do "
-            f"not match the model ({e}); supported: "
-            + ", ".join(f"{t} (fixed-resolution)" for t in SUPPORTED_MODEL_TYPES)
+            f"not match the model ({e}); supported: {_SUPPORTED}"
         ) from None
 
 
