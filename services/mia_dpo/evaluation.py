@@ -23,7 +23,7 @@ from mia_dpo.config import GRID_COUNTS, SEQUENCE_COUNTS, ModelConfig, RunConfig
 from mia_dpo.data.images import pad_to_square
 from mia_dpo.errors import UserError
 from mia_dpo.models.loading import LoadedModel, load_model, pad_fill
-from mia_dpo.models.prompting import chat_text, encode
+from mia_dpo.models.prompting import batch_inputs
 from mia_dpo.records import Record
 
 EvalFormat = Literal["sequence", "grid", "pic_in_pic", "single"]
@@ -179,11 +179,7 @@ def answer_batch(
     if cfg.model.pad_to_square:
         fill = pad_fill(lm)
         images = [[pad_to_square(img, fill) for img in imgs] for imgs in images]
-    texts = [chat_text(lm.processor, it.prompt) for it in items]
-    flat = [img for imgs in images for img in imgs]  # in prompt order
-    inputs = encode(lm.processor, texts, flat, padding=True, return_tensors="pt").to(lm.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
+    inputs = batch_inputs(lm, [it.prompt for it in items], images)
     tok = lm.tokenizer
     eos = lm.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])

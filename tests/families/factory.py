@@ -199,7 +199,9 @@ def idefics3(out: Path) -> Path:
         Idefics3ImageProcessorPil,
     )
 
-    tile, patch, scale = 32, 8, 2
+    # 64-pixel tiles of 8-pixel patches, shuffled by 2: a 4x4 grid of 16 tokens per view,
+    # enough to split into the 3x3 blocks of a 9-image grid collage.
+    tile, patch, scale = 64, 8, 2
     rows = [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
     tok = build_tokenizer(
         TokenizerSpec(
@@ -242,7 +244,7 @@ def gemma3(out: Path) -> Path:
     )
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    size, patch, soft = 32, 8, 4  # 4x4 patches average-pooled to 2x2 soft tokens
+    size, patch, soft = 64, 8, 16  # 8x8 patches average-pooled to 4x4 soft tokens
     tok = build_tokenizer(
         TokenizerSpec(
             bos="<bos>",

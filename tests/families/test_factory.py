@@ -40,8 +40,8 @@ class Expected:
 
 # Idefics3's span for one image cut into 2x2 tiles plus the global view.
 _IDEFICS3_2X2 = " ".join(
-    [f"<fake_token_around_image> <row_{r}_col_{c}> <image>x4" for r in (1, 2) for c in (1, 2)]
-    + ["<fake_token_around_image> <global-img> <image>x4 <fake_token_around_image>"]
+    [f"<fake_token_around_image> <row_{r}_col_{c}> <image>x16" for r in (1, 2) for c in (1, 2)]
+    + ["<fake_token_around_image> <global-img> <image>x16 <fake_token_around_image>"]
 )
 
 EXPECTED: dict[str, Expected] = {
@@ -64,35 +64,35 @@ EXPECTED: dict[str, Expected] = {
         },
         values={"image_sizes": [[30, 40], [40, 30]]},
     ),
-    # Image splitting: the image is resized to 64 on its longest side and cut into 32-pixel
-    # tiles (2x2 for both orientations here), each tile 4 tokens after the pixel shuffle,
+    # Image splitting: the image is resized to 128 on its longest side and cut into 64-pixel
+    # tiles (2x2 for both orientations here), each tile 16 tokens after the pixel shuffle,
     # then a global view; pixel_values are flattened per prompt (5 views an image).
     # The template writes BOS and so does the Llama-3 tokenizer: two BOS tokens.
     "idefics3": Expected(
         prefix="<|begin_of_text|>x2 User :",
         spans=(_IDEFICS3_2X2, _IDEFICS3_2X2),
         shapes={
-            "input_ids": (1, 82),
-            "attention_mask": (1, 82),
-            "pixel_values": (1, 10, 3, 32, 32),
-            "pixel_attention_mask": (1, 10, 32, 32),
+            "input_ids": (1, 202),
+            "attention_mask": (1, 202),
+            "pixel_values": (1, 10, 3, 64, 64),
+            "pixel_attention_mask": (1, 10, 64, 64),
         },
     ),
-    # 4x4 patches average-pooled to 4 soft tokens; token_type_ids are 1 on the soft tokens
+    # 8x8 patches average-pooled to 16 soft tokens; token_type_ids are 1 on the soft tokens
     # only (not on <start_of_image>/<end_of_image>). Double BOS as for idefics3.
     "gemma3": Expected(
         prefix="<bos>x2 <start_of_turn> user",
         spans=(
-            "<start_of_image> <image_soft_token>x4 <end_of_image>",
-            "<start_of_image> <image_soft_token>x4 <end_of_image>",
+            "<start_of_image> <image_soft_token>x16 <end_of_image>",
+            "<start_of_image> <image_soft_token>x16 <end_of_image>",
         ),
         shapes={
-            "input_ids": (1, 32),
-            "attention_mask": (1, 32),
-            "pixel_values": (2, 3, 32, 32),
-            "token_type_ids": (1, 32),
+            "input_ids": (1, 56),
+            "attention_mask": (1, 56),
+            "pixel_values": (2, 3, 64, 64),
+            "token_type_ids": (1, 56),
         },
-        values={"token_type_ids": "0x7 1x4 0x4 1x4 0x13"},
+        values={"token_type_ids": "0x7 1x16 0x4 1x16 0x13"},
     ),
     # Images stay in place, but the processor writes BOS right after the last image (so
     # the prompt starts without one) and returns labels even without a suffix (all -100).

@@ -119,7 +119,7 @@ def test_every_part_of_the_model_is_trained(
 def test_saved_folder_loads_and_holds_its_report(trained: tuple[Path, BaseModelReport]) -> None:
     out, report = trained
     lm = load_model(ModelConfig(path=str(out), device="cpu"))
-    assert lm.tokens_per_image == 64 and lm.num_layers == 4
+    assert lm.family.tokens_per_image == 64 and lm.num_layers == 4
     saved = json.loads((out / "base.json").read_text(encoding="utf-8"))
     assert BaseModelReport.model_validate(saved) == report == read_report(out)
     assert set(report.accuracy) == set(CELLS)

@@ -14,20 +14,16 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoConfig, LlavaNextConfig
+from transformers import AutoConfig
 
 from mia_dpo.config import ModelConfig
 from mia_dpo.demo.tiny import IMAGE_TOKEN_ID
 from mia_dpo.errors import UserError
-from mia_dpo.models import loading
 from mia_dpo.models.attention import decoder_layers
-from mia_dpo.models.loading import (
-    LoadedModel,
-    check_model,
-    image_spans,
-    image_token_layout,
-    load_model,
-)
+from mia_dpo.models.families import family_for
+from mia_dpo.models.families import llava as llava_family
+from mia_dpo.models.families.llava import Llava
+from mia_dpo.models.loading import LoadedModel, check_model, load_model
 from mia_dpo.models.prompting import chat_text
 from mia_dpo.prompts import grid_prompt, sequence_prompt
 
@@ -43,8 +39,8 @@ def picture(rgb: tuple[int, int, int], size: tuple[int, int] = (80, 64)) -> Imag
 
 def test_tiny_model_loads_like_a_real_one(lm: LoadedModel, tiny_model_dir: Path) -> None:
     assert lm.image_token_id == IMAGE_TOKEN_ID
-    assert lm.tokens_per_image == 64
-    assert lm.patch_grid == (8, 8)
+    assert isinstance(lm.family, Llava)
+    assert (lm.family.tokens_per_image, lm.family.grid) == (64, (8, 8))
     assert lm.num_layers == 4
     assert lm.num_layers == len(decoder_layers(lm.model)) == 4
     assert decoder_layers(lm.model) is lm.model.model.language_model.layers
@@ -64,7 +60,7 @@ def test_three_image_prompt_gives_three_spans_in_order(lm: LoadedModel) -> None:
     enc = lm.processor(text=[chat_text(lm.processor, prompt)], images=images, return_tensors="pt")
     assert enc["pixel_values"].shape == (3, 3, 64, 64)
     ids = enc["input_ids"][0]
-    spans = image_spans(ids, lm.image_token_id, lm.tokens_per_image)
+    spans = [t.runs[0] for t in lm.family.image_tokens(ids, enc, range(3))]
     assert len(spans) == 3
     assert all(end - start == 64 for start, end in spans)
     # "ImageK :" stands right before the K-th span: the order survived tokenization
@@ -135,22 +131,38 @@ def test_empty_path_is_refused() -> None:
         load_model(ModelConfig(path=""))
 
 
-def test_layout_refuses_dynamic_resolution_llava_next() -> None:
-    config = LlavaNextConfig()
+def test_a_llava_config_with_anyres_markers_is_refused(tiny_model_dir: Path) -> None:
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.image_grid_pinpoints = [[336, 672]]  # a LLaVA-NeXT checkpoint typed "llava"
     with pytest.raises(UserError) as err:
-        image_token_layout(config, None)
+        family_for(config, None, "m")
     assert str(err.value) == (
-        "model.path: llava_next: cannot map image tokens to a patch grid for model type "
-        "'llava_next'; supported: llava (fixed-resolution)"
+        "model.path: m (model type 'llava'): cannot map its image tokens to one fixed patch grid"
     )
+
+
+def test_an_unknown_model_type_names_the_supported_ones(tiny_model_dir: Path) -> None:
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.model_type = "qwen3_omni"
+    with pytest.raises(
+        UserError,
+        match=r"^model\.path: m: model type 'qwen3_omni' has no model "
+        r"family here; supported: llava, llava_next, idefics3, smolvlm, gemma3$",
+    ):
+        family_for(config, None, "m")
 
 
 def test_layout_of_llava_15_shapes(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config.vision_config.image_size, config.vision_config.patch_size = 336, 14
-    assert image_token_layout(config, None) == (IMAGE_TOKEN_ID, 576, (24, 24))
+    fam = Llava(config, None, "m")
+    assert (fam.image_token_id, fam.tokens_per_image, fam.grid) == (IMAGE_TOKEN_ID, 576, (24, 24))
     config.vision_feature_select_strategy = "full"  # CLS kept: one more token per image
-    assert image_token_layout(config, None) == (IMAGE_TOKEN_ID, 577, (24, 24))
+    fam = Llava(config, None, "m")
+    assert (fam.tokens_per_image, fam.grid) == (577, (24, 24))
+    # the picture is the last 576 tokens: the CLS token belongs to no block
+    (pic,) = fam.pictures([], {}, range(1))
+    assert (pic.n_tokens, pic.view, pic.grid) == (577, (1, 577), (24, 24))
 
 
 class CountingProcessor:
@@ -159,39 +171,15 @@ class CountingProcessor:
 
 def test_layout_refuses_processor_model_mismatch(tiny_model_dir: Path, lm: LoadedModel) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    assert image_token_layout(config, lm.processor) == (IMAGE_TOKEN_ID, 64, (8, 8))
+    assert Llava(config, lm.processor, "m").tokens_per_image == 64
     with pytest.raises(UserError, match=r"processor inserts 100 image tokens.*produces 64"):
-        image_token_layout(config, CountingProcessor())
+        Llava(config, CountingProcessor(), "m")
     lm.processor.num_additional_image_tokens = 0  # as if saved without the CLS correction
     try:
         with pytest.raises(UserError, match="processor inserts 63 image tokens"):
-            image_token_layout(config, lm.processor)
+            Llava(config, lm.processor, "m")
     finally:
         lm.processor.num_additional_image_tokens = 1
-
-
-def ids(*values: int) -> torch.Tensor:
-    return torch.tensor(values)
-
-
-def test_image_spans_on_hand_built_ids() -> None:
-    # left padding (0), BOS (2), image token 4, three tokens per image
-    row = ids(0, 0, 2, 7, 4, 4, 4, 8, 9, 4, 4, 4, 5)
-    assert image_spans(row, 4, 3) == [(4, 7), (9, 12)]
-    # adjacent tags make one run: split into images of tokens_per_image
-    assert image_spans(ids(1, 4, 4, 4, 4, 4, 4), 4, 3) == [(1, 4), (4, 7)]
-    assert image_spans(ids(4, 4, 4), 4, 3) == [(0, 3)]
-    assert image_spans(ids(1, 2, 3), 4, 3) == []
-
-
-def test_image_spans_refuses_a_cut_image() -> None:
-    # e.g. truncation that cut the last image short
-    with pytest.raises(ValueError, match=r"run at 5:7 has 2 tokens"):
-        image_spans(ids(1, 4, 4, 4, 7, 4, 4), 4, 3)
-    with pytest.raises(ValueError, match=r"run at 1:6 has 5 tokens"):
-        image_spans(ids(1, 4, 4, 4, 4, 4), 4, 3)
-    with pytest.raises(ValueError, match="1-D"):
-        image_spans(ids(4, 4, 4).unsqueeze(0), 4, 3)
 
 
 def test_device_and_dtype_resolution() -> None:
@@ -265,14 +253,14 @@ def test_the_probe_refuses_what_config_arithmetic_accepts(
     """With the static processor check blind (as for processors whose count it cannot
     read), the two-image probe still sees what the processor really inserts."""
     path = _full_strategy_copy(tiny_model_dir, tmp_path / "m")
-    monkeypatch.setattr(loading, "_processor_tokens_per_image", lambda processor: None)
+    monkeypatch.setattr(llava_family, "processor_tokens_per_image", lambda processor: None)
     with pytest.raises(UserError) as err:
         check_model(ModelConfig(path=str(path)))
     msg = str(err.value)
     assert msg.startswith(f"model.path: {path} (model type 'llava')")
-    assert "128 image tokens for 2 images, expected 130" in msg and "\n" not in msg
-    layout = check_model(ModelConfig(path=str(tiny_model_dir)))  # the real one passes
-    assert (layout.tokens_per_image, layout.patch_grid) == (64, (8, 8))
+    assert "has 64 tokens, image 1 needs 65" in msg and "\n" not in msg
+    family = check_model(ModelConfig(path=str(tiny_model_dir)))  # the real one passes
+    assert (family.tokens_per_image, family.grid) == (64, (8, 8))
 
 
 def test_a_run_refuses_the_model_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:

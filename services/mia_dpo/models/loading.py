@@ -1,10 +1,10 @@
 """Load an image-text-to-text model and learn where its image tokens are.
 
-The score stage (docs/method.md §3) needs, for each image, the token columns
-that hold it, and for grid and pic-in-pic the patch grid those tokens form. That
-is only well defined for fixed-resolution LLaVA-style models, where every image
-becomes the same square grid of tokens; dynamic-resolution models are refused
-at load time, before their weights are read.
+The score stage (docs/method.md §3) needs, for each image, the token columns that
+hold it, and for grid and pic-in-pic the patch grid of the picture. The model-family
+layer (`models/families/`) reads both from what the processor emits; a model no
+family serves is refused here, from its config and processor, before any weights
+are read and before any stage runs.
 """
 
 from __future__ import annotations
@@ -25,27 +25,19 @@ from transformers.utils import logging as hf_logging
 from mia_dpo.config import ModelConfig
 from mia_dpo.errors import UserError
 from mia_dpo.models.attention import decoder_layers
+from mia_dpo.models.families import SUPPORTED, Family, family_for
 from mia_dpo.models.prompting import (
     INTERLEAVED_CHAT_TEMPLATE,
     chat_text,
     encode,
     keeps_image_order,
 )
+from mia_dpo.models.spans import ImageTokens
 
 log = logging.getLogger("mia_dpo.models")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Config attributes of models whose image token count depends on the image (tiling,
-# merging of neighbouring patches, pooling): no fixed grid maps onto their tokens.
-_DYNAMIC_MARKERS = (
-    "image_grid_pinpoints",
-    "spatial_merge_size",
-    "temporal_patch_size",
-    "downsample_factor",
-    "downsample_ratio",
-    "mm_tokens_per_image",
-)
 
 
 @dataclass
@@ -53,138 +45,15 @@ class LoadedModel:
     model: Any  # a transformers image-text-to-text model, in eval mode
     processor: Any
     tokenizer: Any  # processor.tokenizer, left-padded for batched generation
-    image_token_id: int
-    tokens_per_image: int
-    # (rows, cols) of each image's patch tokens; with the "full" feature strategy the
-    # first of an image's tokens_per_image tokens is CLS and the grid is the rest.
-    patch_grid: tuple[int, int]
+    family: Family  # where its image tokens are (models/families/)
     num_layers: int  # decoder layers of the language model
     device: torch.device
     dtype: torch.dtype
     name: str
 
-
-def _get(config: Any, name: str) -> Any:
-    # Configs may be objects or (for sub-configs of older checkpoints) plain dicts.
-    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-
-
-# The model types whose image tokens this project maps to attention blocks today: one
-# fixed-resolution picture per image token run (LLaVA-1.5, LLaVA-Interleave).
-SUPPORTED_MODEL_TYPES = ("llava",)
-_SUPPORTED = ", ".join(f"{t} (fixed-resolution)" for t in SUPPORTED_MODEL_TYPES)
-# Refused by name, with the reason (docs/method.md §3 needs image tokens in the decoder).
-_REFUSED_WHY = {
-    "mllama": "cross-attention model: its decoder has no image tokens to attend to",
-    "paligemma": "prefix-LM (token_type_ids) not yet carried through scoring and training",
-}
-# Vision towers without a CLS token: every output token is a patch.
-_NO_CLS_TOWERS = ("siglip_vision_model",)
-
-
-def image_token_layout(model_config: Any, processor: Any) -> tuple[int, int, tuple[int, int]]:
-    """(image_token_id, tokens_per_image, (rows, cols)) of a fixed-resolution LLaVA-style model.
-
-    UserError when the model's image tokens cannot be mapped to one fixed patch grid,
-    or when the processor would insert a different number of tokens than the model
-    expects (the forward pass would fail with "Image features and image tokens do
-    not match").
-    """
-    model_type = _get(model_config, "model_type") or type(model_config).__name__
-    name = _get(model_config, "_name_or_path") or model_type
-    vision = _get(model_config, "vision_config")
-    if model_type in _REFUSED_WHY:
-        raise UserError(
-            f"model.path: {name}: model type {model_type!r} is not supported: "
-            f"{_REFUSED_WHY[model_type]}; supported: {_SUPPORTED}"
-        )
-    unsupported = UserError(
-        f"model.path: {name}: cannot map image tokens to a patch grid for model type "
-        f"{model_type!r}; supported: {_SUPPORTED}"
-    )
-    if (
-        model_type not in SUPPORTED_MODEL_TYPES
-        or vision is None
-        or any(_get(c, m) is not None for c in (model_config, vision) for m in _DYNAMIC_MARKERS)
-    ):
-        raise unsupported
-    image_size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
-    token_id = _get(model_config, "image_token_id")
-    if token_id is None:
-        token_id = _get(model_config, "image_token_index")
-    strategy = _get(model_config, "vision_feature_select_strategy") or "default"
-    if not isinstance(patch, int) or patch <= 0 or token_id is None:
-        raise unsupported
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if strategy not in ("default", "full") or height % patch or width % patch:
-        raise unsupported
-    grid = (height // patch, width // patch)
-    # The tower's output: the patches, plus a CLS token first unless it has none
-    # (SigLIP, as in LLaVA-Interleave); "default" drops the first token, "full" keeps it.
-    has_cls = _get(vision, "model_type") not in _NO_CLS_TOWERS
-    if strategy == "default" and not has_cls:
-        raise unsupported  # it would drop a real patch: no whole grid is left
-    tokens = grid[0] * grid[1] + (1 if strategy == "full" and has_cls else 0)
-
-    expected = _processor_tokens_per_image(processor)
-    if expected is not None and expected != tokens:
-        raise UserError(
-            f"model.path: {name}: the processor inserts {expected} image tokens per image "
-            f"but the model produces {tokens} ({grid[0]}x{grid[1]} patches, strategy {strategy!r})"
-        )
-    proc_id = getattr(processor, "image_token_id", None)
-    if proc_id is not None and proc_id != token_id:
-        raise UserError(
-            f"model.path: {name}: processor image token id {proc_id} != model's {token_id}"
-        )
-    return int(token_id), tokens, grid
-
-
-def _processor_tokens_per_image(processor: Any) -> int | None:
-    for attr in ("image_seq_length", "num_image_tokens"):
-        value = getattr(processor, attr, None)
-        if isinstance(value, int):
-            return value
-    # LlavaProcessor: what its replace_image_token computes for a crop-sized image.
-    patch = getattr(processor, "patch_size", None)
-    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
-    if not isinstance(patch, int) or not crop:
-        return None
-    crop = dict(crop)
-    if "height" not in crop or "width" not in crop:
-        return None
-    count = (crop["height"] // patch) * (crop["width"] // patch)
-    count += getattr(processor, "num_additional_image_tokens", 0) or 0
-    if getattr(processor, "vision_feature_select_strategy", None) == "default":
-        count -= 1
-    return count
-
-
-def image_spans(
-    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int
-) -> list[tuple[int, int]]:
-    """(start, end) of each image's tokens in a 1-D id sequence, in order; end exclusive.
-
-    A run of k * tokens_per_image tokens is k adjacent images (`<image><image>` with no
-    text between them); any other run length is a ValueError, e.g. truncation that cut
-    into an image.
-    """
-    if input_ids.dim() != 1:
-        raise ValueError(f"image_spans expects 1-D ids, got shape {tuple(input_ids.shape)}")
-    is_image = (input_ids == image_token_id).to(torch.int8)
-    # Run boundaries: +1 where a run starts, -1 one past where it ends.
-    edges = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
-    starts = (edges == 1).nonzero().flatten().tolist()
-    ends = (edges == -1).nonzero().flatten().tolist()
-    spans: list[tuple[int, int]] = []
-    for start, end in zip(starts, ends, strict=True):
-        if (end - start) % tokens_per_image:
-            raise ValueError(
-                f"image token run at {start}:{end} has {end - start} tokens, "
-                f"not a multiple of {tokens_per_image} per image"
-            )
-        spans += [(s, s + tokens_per_image) for s in range(start, end, tokens_per_image)]
-    return spans
+    @property
+    def image_token_id(self) -> int:
+        return self.family.image_token_id
 
 
 def pad_fill(lm: Any) -> tuple[int, int, int]:
@@ -255,36 +124,28 @@ def choose_chat_template(processor: Any, mode: str, name: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class ImageLayout:
-    """How a checked model's processor lays images out in the token stream."""
-
-    image_token_id: int
-    tokens_per_image: int
-    patch_grid: tuple[int, int]
-
-
 PROBE_PROMPT = "Image1:<image>\nImage2:<image>\nIn Image2, what is it?"
+# Two sizes and orientations, so that tiling that depends on the image shows.
+_PROBE_SIZES = ((64, 48), (48, 64))
 
 
-def probe_image_tokens(processor: Any, layout: ImageLayout, name: str, model_type: str) -> None:
-    """Process a two-image probe prompt and compare the image tokens the processor really
-    inserted with the layout the model was accepted for: a mismatch is refused here,
-    with the config field named, instead of failing inside a stage."""
-    images = [Image.new("RGB", (64, 48), (128, 128, 128)), Image.new("RGB", (48, 64), (9, 9, 9))]
-    ids = encode(processor, [chat_text(processor, PROBE_PROMPT)], images, return_tensors="pt")
-    ids = ids["input_ids"][0]
-    found = int((ids == layout.image_token_id).sum())
-    expected = 2 * layout.tokens_per_image
+def probe_image_tokens(processor: Any, family: Family) -> list[ImageTokens]:
+    """Process a two-image probe prompt and read it with the family: the image tokens
+    the processor really inserted must be exactly the two images the family expects,
+    each holding its picture's patch grid. A mismatch is refused here, naming the
+    config field, instead of failing inside a stage."""
+    images = [Image.new("RGB", size, (16 + 96 * i,) * 3) for i, size in enumerate(_PROBE_SIZES)]
     try:
-        if found != expected:
-            raise ValueError(f"{found} image tokens for 2 images, expected {expected}")
-        image_spans(ids, layout.image_token_id, layout.tokens_per_image)
-    except ValueError as e:
-        raise UserError(
-            f"model.path: {name} (model type {model_type!r}): the processor's image tokens do "
-            f"not match the model ({e}); supported: {_SUPPORTED}"
+        enc = encode(processor, [chat_text(processor, PROBE_PROMPT)], [images], return_tensors="pt")
+        found = family.image_tokens(enc["input_ids"][0], enc, range(2))
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise family.refuse(
+            f"the processor's image tokens do not match the model family "
+            f"({type(family).__name__}: {e}); supported: {SUPPORTED}"
         ) from None
+    if len(found) != 2:
+        raise family.refuse(f"the probe's 2 images came out as {len(found)}")
+    return found
 
 
 def _open(cfg: ModelConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -319,18 +180,16 @@ def _load_errors(cfg: ModelConfig) -> Iterator[None]:
         raise UserError(f"model.path: cannot load {cfg.path!r}: {first_line}{hint}") from e
 
 
-def _check(cfg: ModelConfig, processor: Any, config: Any) -> ImageLayout:
-    token_id, tokens, grid = image_token_layout(config, processor)
+def _check(cfg: ModelConfig, processor: Any, config: Any) -> Family:
+    family = family_for(config, processor, cfg.path)
     choose_chat_template(processor, cfg.chat_template, cfg.path)
-    layout = ImageLayout(token_id, tokens, grid)
-    model_type = _get(config, "model_type") or type(config).__name__
-    probe_image_tokens(processor, layout, cfg.path, model_type)
-    return layout
+    probe_image_tokens(processor, family)
+    return family
 
 
-def check_model(cfg: ModelConfig) -> ImageLayout:
+def check_model(cfg: ModelConfig) -> Family:
     """The self-check a run does before any stage: config and processor only (no
-    weights), the image layout, the chat template, the two-image probe."""
+    weights), the model family, the chat template, the two-image probe."""
     processor, config, _ = _open(cfg)
     return _check(cfg, processor, config)
 
@@ -339,7 +198,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     """Processor and model from a local save_pretrained directory or a hub id."""
     processor, config, common = _open(cfg)
     # Before the weights: refusing a 7B model should not take minutes.
-    layout = _check(cfg, processor, config)
+    family = _check(cfg, processor, config)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     # A per-tensor progress bar in every worker's log helps nobody.
@@ -364,9 +223,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model=model,
         processor=processor,
         tokenizer=tokenizer,
-        image_token_id=layout.image_token_id,
-        tokens_per_image=layout.tokens_per_image,
-        patch_grid=layout.patch_grid,
+        family=family,
         num_layers=len(decoder_layers(model)),
         device=device,
         dtype=dtype,

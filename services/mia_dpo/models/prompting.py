@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mia_dpo.prompts import IMAGE_TAG
 
 # Renders list content in order ("USER: Image1:<image>\nImage2:<image>\nIn Image2, ..."),
@@ -117,3 +119,22 @@ def keeps_image_order(processor: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def batch_inputs(lm: Any, prompts: list[str], images: list[list[Any]]) -> Any:
+    """One processor call for a batch, left-padded, images nested per prompt (as TRL's
+    collator passes them: families that tile or count per prompt need to know which
+    images are whose), every output kept and moved to the model; floating outputs
+    (pixel values) in the model's dtype."""
+    texts = [chat_text(lm.processor, p) for p in prompts]
+    nested = images if any(images) else None
+    enc = encode(lm.processor, texts, nested, padding=True, return_tensors="pt")
+    return to_model(enc, lm)
+
+
+def to_model(enc: Any, lm: Any) -> Any:
+    for key, value in list(enc.items()):
+        if isinstance(value, torch.Tensor):
+            dtype = lm.dtype if value.is_floating_point() else value.dtype
+            enc[key] = value.to(lm.device, dtype)
+    return enc

@@ -8,12 +8,14 @@ row-major on its patch grid (LLaVA-1.5: 24x24).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from mia_dpo.models.spans import Picture
 from mia_dpo.records import FORMATS, AugmentedSample
 
 
@@ -162,27 +164,28 @@ def _lookup(table: Mapping[int, float], n_images: int, fmt: str) -> float:
 def attention_ratio(
     sample: AugmentedSample,
     token_att: ArrayLike,
-    tokens_per_image: int,
-    patch_grid: tuple[int, int],
+    pictures: Sequence[Picture],
     pip_border_fraction: float,
 ) -> tuple[float, list[float]]:
     """(ratio on the target, share per picture) of one scored response, from the mean
-    attention per image token (all images' tokens, in prompt order)."""
+    attention per image token: every image's tokens, in prompt order, each image
+    `pictures[k].n_tokens` long (tiles and markers included, as the family counts them)."""
     token_att = _as_1d(token_att)
+    bounds = np.cumsum([0] + [p.n_tokens for p in pictures]).tolist()
+    if bounds[-1] != token_att.size:
+        raise ValueError(f"{token_att.size} image tokens, the images have {bounds[-1]}")
     if sample.format == "sequence":
-        spans = [
-            (i * tokens_per_image, (i + 1) * tokens_per_image) for i in range(len(sample.images))
-        ]
-        shares = sequence_shares(token_att, spans)
+        shares = sequence_shares(token_att, list(itertools.pairwise(bounds)))
         return shares[sample.target_index - 1], list(shares)
-    # one picture: its patch grid is its last pr * pc tokens (a "full" feature strategy
-    # puts a CLS token first, which belongs to no block)
-    patches = token_att[tokens_per_image - patch_grid[0] * patch_grid[1] :]
+    # one picture: the view its family names (a LLaVA CLS token, anyres tiles and an
+    # Idefics3 image's tiles belong to no block)
+    (picture,) = pictures
+    patches = token_att[picture.view[0] : picture.view[1]]
     if sample.format == "grid":
         assert sample.layout is not None
-        blocks = grid_block_sums(patches, patch_grid, tuple(sample.layout))  # (rows, cols)
+        blocks = grid_block_sums(patches, picture.grid, tuple(sample.layout))  # (rows, cols)
         total = float(blocks.sum()) or 1.0
         shares = (blocks / total).flatten().tolist()
         return shares[sample.target_index - 1], shares
-    ratio = pip_ratio(patches, patch_grid, pip_border_fraction)
+    ratio = pip_ratio(patches, picture.grid, pip_border_fraction)
     return ratio, [1.0 - ratio, ratio]  # background, inset

@@ -14,7 +14,7 @@ import math
 import torch
 
 from mia_dpo.errors import SampleError
-from mia_dpo.models.prompting import chat_text, encode
+from mia_dpo.models.prompting import batch_inputs
 from mia_dpo.records import AugmentedSample, GeneratedSample, Response, ShardStats, Task
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.context import DropLog, StageContext
@@ -47,11 +47,7 @@ def generate_batch(
     lm, ctx: StageContext, batch: list[tuple[AugmentedSample, list]]
 ) -> list[list[Response]]:  # type: ignore[no-untyped-def]
     gcfg = ctx.config.generate
-    texts = [chat_text(lm.processor, s.prompt) for s, _ in batch]
-    images = [img for _, imgs in batch for img in imgs]  # flat, in prompt order
-    inputs = encode(lm.processor, texts, images, padding=True, return_tensors="pt").to(lm.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
+    inputs = batch_inputs(lm, [s.prompt for s, _ in batch], [imgs for _, imgs in batch])
     sampling = gcfg.temperature > 0
     if sampling:  # reproducible for a given batch: seeded by its first sample
         torch.manual_seed(sample_seed(ctx.config.seed, "gen:" + batch[0][0].sample_id) % 2**63)

@@ -11,15 +11,18 @@ ground truth *chosen*; otherwise the response is dropped with its reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
 from mia_dpo.answers import same_answer
 from mia_dpo.errors import SampleError, UserError
 from mia_dpo.models.attention import capture_layer_attention
-from mia_dpo.models.loading import image_spans
-from mia_dpo.models.prompting import chat_text, encode
+from mia_dpo.models.prompting import batch_inputs
 from mia_dpo.models.ratios import attention_ratio, reject_by_attention
+from mia_dpo.models.spans import ImageTokens
 from mia_dpo.records import (
     AugmentedSample,
     GeneratedSample,
@@ -33,50 +36,79 @@ from mia_dpo.runtime.context import DropLog, StageContext
 from mia_dpo.stages.model_inputs import MODEL_USE_LOCK, cached_model, load_images
 
 
-def score_batch(
-    lm, ctx: StageContext, items: list[tuple[AugmentedSample, list, Response]], layer: int
-) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:  # type: ignore[no-untyped-def]
-    """Teacher-forced pass over a left-padded batch; per item the mean attention of
-    its response rows over every image token, and its image spans."""
-    encoded = []
-    for sample, images, response in items:
-        enc = encode(
-            lm.processor, [chat_text(lm.processor, sample.prompt)], images, return_tensors="pt"
-        )
-        prompt_ids = enc["input_ids"][0]
-        ids = torch.cat([prompt_ids, torch.tensor(response.token_ids, dtype=prompt_ids.dtype)])
-        encoded.append((ids, len(prompt_ids), enc["pixel_values"]))
-    width = max(len(ids) for ids, _, _ in encoded)
+@dataclass
+class TeacherForced:
+    """A left-padded batch of prompt + generated answer, ready for the model."""
+
+    inputs: dict[str, Any]  # every processor output, on the model's device
+    rows: list[tuple[int, int]]  # per item: the query rows that predict its answer
+    images: list[list[ImageTokens]]  # per item: its images' columns in the padded batch
+
+
+Item = tuple[AugmentedSample, list[Any], Response]  # sample, its model images, a response
+
+
+def teacher_forced(lm: Any, items: list[Item]) -> TeacherForced:
+    """The prompts through one processor call, as at generation (images nested per
+    prompt); each response's generated ids appended, and every per-token output of the
+    processor (token_type_ids...) grown with the family's value for answer tokens."""
+    enc = batch_inputs(lm, [s.prompt for s, _, _ in items], [im for _, im, _ in items])
+    prompt_ids, prompt_mask = enc["input_ids"].cpu(), enc["attention_mask"].cpu().bool()
+    per_token = [
+        k for k, v in enc.items()
+        if k not in ("input_ids", "attention_mask")
+        and isinstance(v, torch.Tensor) and v.shape == prompt_ids.shape
+    ]  # fmt: skip
+    rows_ids, rows_extra = [], []
+    for i, (_, _, response) in enumerate(items):
+        answer = torch.tensor(response.token_ids, dtype=prompt_ids.dtype)
+        rows_ids.append(torch.cat([prompt_ids[i][prompt_mask[i]], answer]))
+        rows_extra.append({
+            k: torch.cat([enc[k][i].cpu()[prompt_mask[i]],
+                          torch.full_like(answer, lm.family.token_fill(k))])
+            for k in per_token
+        })  # fmt: skip
+    width = max(len(ids) for ids in rows_ids)
     pad = lm.tokenizer.pad_token_id or 0
     input_ids = torch.full((len(items), width), pad, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
-    rows = []
-    for i, (ids, n_prompt, _) in enumerate(encoded):
+    extra = {k: torch.zeros((len(items), width), dtype=enc[k].dtype) for k in per_token}
+    spans, rows, first_image = [], [], 0
+    for i, ids in enumerate(rows_ids):
         offset = width - len(ids)  # left padding, as in batched generation
         input_ids[i, offset:] = ids
         mask[i, offset:] = 1
+        for k in per_token:
+            extra[k][i, offset:] = rows_extra[i][k]
+        n_prompt = int(prompt_mask[i].sum())
         # the rows that predict response tokens: the last prompt position onwards
         rows.append((offset + n_prompt - 1, offset + len(ids) - 1))
-    r0, r1 = min(r for r, _ in rows), max(r for _, r in rows)
-    inputs = {
-        "input_ids": input_ids.to(lm.device),
-        "attention_mask": mask.to(lm.device),
-        # positions as generate() computes them for left-padded rows
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(lm.device),
-        "pixel_values": torch.cat([pv for _, _, pv in encoded]).to(lm.device, lm.dtype),
-    }
-    weights = capture_layer_attention(lm.model, inputs, layer, (r0, r1))  # (B, R, T)
+        images = range(first_image, first_image + len(items[i][1]))
+        found = lm.family.image_tokens(ids[:n_prompt], enc, images)
+        first_image = images.stop
+        spans.append([ImageTokens(t.picture, tuple((s + offset, e + offset) for s, e in t.runs))
+                      for t in found])  # fmt: skip
+    inputs = {**enc, **extra, "input_ids": input_ids, "attention_mask": mask}
+    if lm.family.positions_from_mask:  # positions as generate() computes them for left padding
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {k: v.to(lm.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return TeacherForced(inputs, rows, spans)
+
+
+def score_batch(
+    lm: Any, items: list[Item], layer: int
+) -> list[tuple[np.ndarray, list[ImageTokens]]]:
+    """Teacher-forced pass over a left-padded batch; per item the mean attention of its
+    response rows over every image token (images in order), and where its images are."""
+    batch = teacher_forced(lm, items)
+    r0, r1 = min(r for r, _ in batch.rows), max(r for _, r in batch.rows)
+    weights = capture_layer_attention(lm.model, batch.inputs, layer, (r0, r1))  # (B, R, T)
     out = []
-    for i, (ids, _n_prompt, _) in enumerate(encoded):
-        a, b = rows[i]
-        per_token = weights[i, a - r0 : b - r0].mean(0)  # (T,)
-        offset = width - len(ids)
-        spans = [
-            (s + offset, e + offset)
-            for s, e in image_spans(ids, lm.image_token_id, lm.tokens_per_image)
-        ]
-        cols = torch.cat([per_token[s:e] for s, e in spans])  # (n_images * tokens_per_image,)
-        out.append((cols.float().cpu().numpy(), spans))
+    for i, images in enumerate(batch.images):
+        a, b = batch.rows[i]
+        att = weights[i, a - r0 : b - r0].mean(0)  # (T,)
+        cols = torch.cat([att[s:e] for t in images for s, e in t.runs])  # every image token
+        out.append((cols.float().cpu().numpy(), images))
     return out
 
 
@@ -128,10 +160,13 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
                     emit(n, sample, idx, response, "dropped", e.reason)
             if not items:
                 continue
-            results = score_batch(lm, ctx, [(s, im, r) for _, s, im, r, _ in items], layer)
-            for (n, sample, _, response, idx), (token_att, _) in zip(items, results, strict=True):
+            results = score_batch(lm, [(s, im, r) for _, s, im, r, _ in items], layer)
+            for (n, sample, _, response, idx), (token_att, images) in zip(
+                items, results, strict=True
+            ):
+                pictures = [t.picture for t in images]
                 ratio, shares = attention_ratio(
-                    sample, token_att, lm.tokens_per_image, lm.patch_grid, scfg.pip_border_fraction
+                    sample, token_att, pictures, scfg.pip_border_fraction
                 )
                 confused, thr = reject_by_attention(
                     sample.format, sample.n_images, ratio, scfg.sequence_thresholds,

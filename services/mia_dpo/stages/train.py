@@ -115,7 +115,7 @@ def train_pairs(
             f"train: no pairs to train on; all {stats.total} pairs of {source} were dropped "
             f"({reasons})"
         )
-    stats.notes["answers_truncated"] = data.check_lengths(rows, lm, tcfg.max_length)
+    stats.notes["answers_truncated"] = data.check_lengths(rows, lm, tcfg.max_length, loader)
     if stats.notes["answers_truncated"]:
         logger.warning(
             "train: %d pairs have an answer cut at train.max_length %d",

@@ -110,13 +110,21 @@ def build_dataset(rows: list[dict[str, Any]], method: str, load: PairImages) -> 
     return datasets.Dataset.from_dict(cols).with_transform(decode)
 
 
-def token_count(text: str, lm: Any) -> int:
-    """Tokens of a rendered text once the processor expands each image placeholder."""
-    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return len(ids) + ids.count(lm.image_token_id) * (lm.tokens_per_image - 1)
+def token_count(text: str, lm: Any, images: list[Image.Image] | None = None) -> int:
+    """Tokens of a rendered text once the processor expands each image placeholder:
+    arithmetic for a fixed count per image (LLaVA), else the processor itself on the
+    images (tiling families: the count depends on each image's size)."""
+    fixed = getattr(lm.family, "tokens_per_image", None)
+    if isinstance(fixed, int) or not images:
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(ids) + ids.count(lm.image_token_id) * ((fixed or 1) - 1)
+    enc = lm.processor(text=[text], images=[images], add_special_tokens=False)
+    return len(enc["input_ids"][0])
 
 
-def check_lengths(rows: list[dict[str, Any]], lm: Any, max_length: int) -> int:
+def check_lengths(
+    rows: list[dict[str, Any]], lm: Any, max_length: int, load: PairImages | None = None
+) -> int:
     """UserError if a prompt does not fit in max_length; returns how many pairs will
     have an answer cut short (allowed: TRL keeps the start, so no image token is lost).
 
@@ -130,7 +138,10 @@ def check_lengths(rows: list[dict[str, Any]], lm: Any, max_length: int) -> int:
     for row in rows:
         # TRL's own rendering, as its collator does it, so the counts are the collator's.
         text = apply_chat_template({c: row[c] for c in MESSAGE_COLUMNS}, lm.processor)
-        n_prompt = token_count(text["prompt"], lm)
+        tiled = load is not None and not isinstance(
+            getattr(lm.family, "tokens_per_image", None), int
+        )
+        n_prompt = token_count(text["prompt"], lm, load(row["images"]) if tiled else None)
         if n_prompt >= max_length:
             raise UserError(
                 f"train.max_length: {max_length} tokens cannot hold pair {row.get('id', '?')}: "
