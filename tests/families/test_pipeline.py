@@ -36,6 +36,7 @@ from mia_dpo.runtime.queue import MemoryQueue
 from mia_dpo.runtime.store import BlobReader, LocalStore
 from mia_dpo.stages import get_stage
 from tests.families.factory import FAMILIES
+from tests.families.factory_vision import VISION_FAMILIES
 from tests.integration.test_pairs_pipeline import COMMON
 
 GRID = (4, 4)
@@ -55,8 +56,13 @@ VIEWS: dict[str, Callable[[int], tuple[int, int]]] = {
     "llava-next": _first,  # the base view comes first, then anyres tiles and newlines
     "idefics3": _last,  # the global view closes the image, after its tiles
     "gemma3": _first,  # 16 pooled soft tokens
+    "qwen2-vl": _first,  # 4x4 merged tokens of a 64-pixel square picture
+    "qwen2.5-vl": _first,
 }
-PARAMS = sorted(VIEWS)
+BUILDERS = FAMILIES | VISION_FAMILIES
+# The families whose processors build without torchvision; the others run in
+# tests/families/vision/ in the vision environment (tests/families/factory_vision.py).
+PARAMS = sorted(f for f in VIEWS if f in FAMILIES)
 
 
 @pytest.fixture(scope="module", params=PARAMS)
@@ -66,7 +72,7 @@ def family(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
-    return FAMILIES[family](tmp_path_factory.mktemp(family) / "model")
+    return BUILDERS[family](tmp_path_factory.mktemp(family) / "model")
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +97,16 @@ def run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, family: str) 
 
 
 CLASSES = {"llava-interleave": "Llava", "llava-next": "LlavaNext", "idefics3": "Idefics3",
-           "gemma3": "Gemma3"}  # fmt: skip
+           "gemma3": "Gemma3", "qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2VL"}  # fmt: skip
 
 
 def test_the_self_check_reads_both_probe_images(model_dir: Path, family: str) -> None:
     found = check_model(ModelConfig(path=str(model_dir)))
     assert type(found).__name__ == CLASSES[family]
     images = probe_image_tokens(found.processor, found)
-    assert [t.picture.grid for t in images] == [GRID, GRID]
+    # the probe's 64x48 and 48x64 pictures: dynamic-resolution families keep the shape
+    expected = [(3, 4), (4, 3)] if family.startswith("qwen") else [GRID, GRID]
+    assert [t.picture.grid for t in images] == expected
     # every image token of the probe belongs to exactly one image, in order
     columns = [c for t in images for c in t.columns]
     assert columns == sorted(set(columns))
@@ -146,8 +154,9 @@ def _eager(model_dir: Path, rec: ScoredResponse) -> tuple[np.ndarray, list[list[
     inputs = dict(enc)
     inputs["input_ids"] = torch.cat([enc["input_ids"], answer], 1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    if "token_type_ids" in enc:  # answer tokens are text
-        inputs["token_type_ids"] = torch.cat([enc["token_type_ids"], torch.zeros_like(answer)], 1)
+    for key in ("token_type_ids", "mm_token_type_ids"):  # answer tokens are text: 0
+        if key in enc:
+            inputs[key] = torch.cat([enc[key], torch.zeros_like(answer)], 1)
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     att = out.attentions[rec.layer][0].mean(0)  # (T, T)

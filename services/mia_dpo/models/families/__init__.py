@@ -14,8 +14,9 @@ from mia_dpo.models.families.gemma3 import Gemma3
 from mia_dpo.models.families.idefics3 import Idefics3
 from mia_dpo.models.families.llava import Llava
 from mia_dpo.models.families.llava_next import LlavaNext
+from mia_dpo.models.families.qwen2_vl import Qwen2VL
 
-FAMILIES: tuple[type[Family], ...] = (Llava, LlavaNext, Idefics3, Gemma3)
+FAMILIES: tuple[type[Family], ...] = (Llava, LlavaNext, Qwen2VL, Idefics3, Gemma3)
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_TYPE)
 SUPPORTED = ", ".join(SUPPORTED_MODEL_TYPES)
