@@ -75,11 +75,12 @@ def _save(
     model_cls: type[PreTrainedModel],
     config: PretrainedConfig,
     processor: ProcessorMixin,
+    seed: int = SEED,
 ) -> Path:
     """Seeded random weights (eager attention: tests read attention maps), then save."""
     # fork_rng: the fixed seed must not reset the caller's random stream.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation="eager")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,10 @@ VIEWS: dict[str, Callable[[int], tuple[int, int]]] = {
     "gemma3": _first,  # 16 pooled soft tokens
     "qwen2-vl": _first,  # 4x4 merged tokens of a 64-pixel square picture
     "qwen2.5-vl": _first,
+    "llava-onevision": _first,  # base view first, as LLaVA-NeXT
+    "smolvlm": _last,  # Idefics3's global view
+    "internvl": _last,  # the thumbnail closes a tiled image (a small one is one tile)
+    "mistral3": _first,  # 4x4 merged patches of a 64-pixel square picture
 }
 BUILDERS = FAMILIES | VISION_FAMILIES
 # The families whose processors build without torchvision; the others run in
@@ -97,7 +101,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, family: str) 
 
 
 CLASSES = {"llava-interleave": "Llava", "llava-next": "LlavaNext", "idefics3": "Idefics3",
-           "gemma3": "Gemma3", "qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2VL"}  # fmt: skip
+           "gemma3": "Gemma3", "qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2VL",
+           "llava-onevision": "LlavaNext", "smolvlm": "Idefics3", "internvl": "InternVL",
+           "mistral3": "Pixtral"}  # fmt: skip
 
 
 def test_the_self_check_reads_both_probe_images(model_dir: Path, family: str) -> None:
@@ -105,7 +111,8 @@ def test_the_self_check_reads_both_probe_images(model_dir: Path, family: str) ->
     assert type(found).__name__ == CLASSES[family]
     images = probe_image_tokens(found.processor, found)
     # the probe's 64x48 and 48x64 pictures: dynamic-resolution families keep the shape
-    expected = [(3, 4), (4, 3)] if family.startswith("qwen") else [GRID, GRID]
+    dynamic = family.startswith("qwen") or family == "mistral3"
+    expected = [(3, 4), (4, 3)] if dynamic else [GRID, GRID]
     assert [t.picture.grid for t in images] == expected
     # every image token of the probe belongs to exactly one image, in order
     columns = [c for t in images for c in t.columns]
@@ -229,9 +236,11 @@ def test_training_sees_the_generation_tokens(run: LocalStore, model_dir: Path) -
     from mia_dpo.models.prompting import answer_messages, prompt_messages
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    gens = [GeneratedSample.model_validate_json(r) for r in _rows(run, "generate")]
-    gen = next(g for g in gens if g.responses[0].text.strip())
-    response = gen.responses[0]
+    # a response the score stage kept (answers that do not survive decoding and
+    # re-encoding are dropped there as answer_not_reproducible)
+    scored = [ScoredResponse.model_validate_json(r) for r in _rows(run, "score")]
+    rec = next(r for r in scored if r.ratio is not None)
+    gen, response = rec, rec.response
     images = _model_images(processor, gen.sample.images)
     prompt = encode(processor, [chat_text(processor, gen.sample.prompt)], [images],
                     return_tensors="pt")["input_ids"][0]  # fmt: skip

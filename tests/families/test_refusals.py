@@ -8,6 +8,7 @@ import pytest
 
 from mia_dpo.config import ModelConfig
 from mia_dpo.errors import UserError
+from mia_dpo.models.families import SUPPORTED
 from mia_dpo.models.loading import check_model
 from tests.families.factory import FAMILIES
 
@@ -26,7 +27,7 @@ def test_unsupported_families_are_refused_up_front(
         check_model(ModelConfig(path=str(path)))
     msg = str(err.value)
     assert msg.startswith(f"model.path: {path}") and "\n" not in msg
-    assert REFUSED[family] in msg and "supported: llava, llava_next, idefics3" in msg
+    assert REFUSED[family] in msg and f"supported: {SUPPORTED}" in msg
 
 
 def test_the_refused_and_supported_families_cover_the_factory() -> None:

@@ -138,3 +138,20 @@ def to_model(enc: Any, lm: Any) -> Any:
             dtype = lm.dtype if value.is_floating_point() else value.dtype
             enc[key] = value.to(lm.device, dtype)
     return enc
+
+
+def answer_ids(processor: Any, prompt: str, answer: str) -> list[int]:
+    """The ids TRL's vision collator trains on for `answer` after `prompt`: the part of
+    the chat template after the generation prompt, tokenized on its own without special
+    tokens (trl.data_utils.apply_chat_template, then the collator's processor call)."""
+    from trl.data_utils import apply_chat_template  # the model extra: only when scoring
+
+    example = {"prompt": prompt_messages(prompt), "completion": answer_messages(answer)}
+    completion = apply_chat_template(example, processor)["completion"]
+    return list(processor.tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+
+def reproduces(processor: Any, prompt: str, answer: str, generated: list[int]) -> bool:
+    """Whether training will see exactly the generated ids for this answer (docs/method.md
+    §5): decoding and re-encoding can differ (unknown or special tokens, odd merges)."""
+    return answer_ids(processor, prompt, answer)[: len(generated)] == generated

@@ -20,7 +20,7 @@ import torch
 from mia_dpo.answers import same_answer
 from mia_dpo.errors import SampleError, UserError
 from mia_dpo.models.attention import capture_layer_attention
-from mia_dpo.models.prompting import batch_inputs
+from mia_dpo.models.prompting import batch_inputs, reproduces
 from mia_dpo.models.ratios import attention_ratio, reject_by_attention
 from mia_dpo.models.spans import ImageTokens
 from mia_dpo.records import (
@@ -147,6 +147,13 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
                 emit(n, gen.sample, idx, response, "dropped", "empty_response")
             elif same_answer(response.text, gen.sample.chosen):
                 emit(n, gen.sample, idx, response, "dropped", "equals_ground_truth")
+            elif lm.image_token_id in response.token_ids:
+                # an image placeholder in the answer would be read as a picture with no
+                # pixels when teacher-forced, and when TRL tokenizes the answer text
+                emit(n, gen.sample, idx, response, "dropped", "image_token_in_answer")
+            elif not reproduces(lm.processor, gen.sample.prompt, response.text, response.token_ids):
+                # training re-tokenizes the answer text: its ids must be the generated ones
+                emit(n, gen.sample, idx, response, "dropped", "answer_not_reproducible")
             else:
                 todo.append((n, gen.sample, response, idx))
     with MODEL_USE_LOCK:

@@ -12,11 +12,15 @@ from mia_dpo.errors import UserError
 from mia_dpo.models.families.base import Family, get
 from mia_dpo.models.families.gemma3 import Gemma3
 from mia_dpo.models.families.idefics3 import Idefics3
+from mia_dpo.models.families.internvl import InternVL
 from mia_dpo.models.families.llava import Llava
 from mia_dpo.models.families.llava_next import LlavaNext
+from mia_dpo.models.families.pixtral import Pixtral
 from mia_dpo.models.families.qwen2_vl import Qwen2VL
 
-FAMILIES: tuple[type[Family], ...] = (Llava, LlavaNext, Qwen2VL, Idefics3, Gemma3)
+FAMILIES: tuple[type[Family], ...] = (
+    Llava, LlavaNext, Qwen2VL, Idefics3, Gemma3, InternVL, Pixtral
+)  # fmt: skip
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_TYPE)
 SUPPORTED = ", ".join(SUPPORTED_MODEL_TYPES)
@@ -40,6 +44,9 @@ def family_for(config: Any, processor: Any, name: str) -> Family:
             f"{REFUSED_WHY[model_type]}; supported: {SUPPORTED}"
         )
     family = _BY_TYPE.get(model_type)
+    vision = get(config, "vision_config")
+    if model_type == "llava" and vision is not None and get(vision, "model_type") == "pixtral":
+        family = Pixtral  # pixtral-12b: a LLaVA config around a Pixtral tower
     if family is None:
         raise UserError(
             f"model.path: {name}: model type {model_type!r} has no model family here; "

@@ -23,7 +23,13 @@ class Idefics3(Family):
     def __init__(self, config: Any, processor: Any, name: str) -> None:
         super().__init__(config, processor, name)
         seq = getattr(processor, "image_seq_len", None)
+        # Idefics3 keeps the marker's id, SmolVLM only its text
         marker = getattr(processor, "global_image_token_id", None)
+        tag = getattr(processor, "global_image_tag", None) or getattr(
+            processor, "global_image_token", None
+        )
+        if marker is None and isinstance(tag, str):
+            marker = processor.tokenizer.convert_tokens_to_ids(tag)
         if not isinstance(seq, int) or not isinstance(marker, int):
             raise self.refuse("cannot read image_seq_len and the <global-img> token")
         self.seq = seq

@@ -38,8 +38,6 @@ class Llava(Family):
             get(c, m) is not None for c in (config, vision) for m in _DYNAMIC_MARKERS
         ):
             raise cannot
-        if get(vision, "model_type") == "pixtral":
-            raise self.refuse("a Pixtral tower emits rows split by [IMG_BREAK]: use mistral3")
         image_size, patch = get(vision, "image_size"), get(vision, "patch_size")
         strategy = get(config, "vision_feature_select_strategy") or "default"
         if not isinstance(patch, int) or patch <= 0 or image_size is None:
