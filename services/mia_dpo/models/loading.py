@@ -165,10 +165,17 @@ def _load_errors(cfg: ModelConfig) -> Iterator[None]:
     try:
         yield
     except ImportError as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        why = text.splitlines()[0] if text else type(e).__name__
+        if "torchvision" in text.lower():
+            needs = why.split()[0] if why.split()[0][:1].isupper() else "its processor"
+            raise UserError(
+                f"model.path: {cfg.path!r}: {needs} needs torchvision, which is not installed: "
+                "pip install 'mia-dpo[model,vision]' (torchvision built for your torch)"
+            ) from e
         raise UserError(
             f"model.path: {cfg.path!r} needs a package that is not installed ({why}): "
-            "pip install 'mia-dpo[model]'; fast image processors also need torchvision"
+            "pip install 'mia-dpo[model]' (and 'mia-dpo[vision]' for torchvision processors)"
         ) from e
     except (OSError, ValueError) as e:
         hint = ""
