@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from mia_dpo.config import ModelConfig, RunConfig
 from mia_dpo.controller import Controller
@@ -134,6 +134,12 @@ def _rows(store: LocalStore, stage: str) -> list[str]:
     return rows
 
 
+def _processor(model_dir: Path) -> Any:
+    """The processor as every stage uses it: the template the self-check settled on
+    (images in place, one BOS)."""
+    return check_model(ModelConfig(path=str(model_dir))).processor
+
+
 def _model_images(processor: Any, uris: list[str]) -> list[Image.Image]:
     fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
     return [pad_to_square(Image.open(u).convert("RGB"), fill) for u in uris]
@@ -148,7 +154,7 @@ def _eager(model_dir: Path, rec: ScoredResponse) -> tuple[np.ndarray, list[list[
     """attentions[layer], head mean, over the rows predicting the response, at each
     image's columns (found by the `ImageK` label before them): the stages' input,
     through an eager model given every processor output."""
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = _processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, attn_implementation="eager", dtype=torch.float32
     ).eval()
@@ -235,7 +241,7 @@ def test_training_sees_the_generation_tokens(run: LocalStore, model_dir: Path) -
 
     from mia_dpo.models.prompting import answer_messages, prompt_messages
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = _processor(model_dir)
     # a response the score stage kept (answers that do not survive decoding and
     # re-encoding are dropped there as answer_not_reproducible)
     scored = [ScoredResponse.model_validate_json(r) for r in _rows(run, "score")]

@@ -33,6 +33,7 @@ from mia_dpo.models.prompting import (
     keeps_image_order,
 )
 from mia_dpo.models.spans import ImageTokens
+from mia_dpo.models.templates import interleaved_template, role_format
 
 log = logging.getLogger("mia_dpo.models")
 
@@ -105,18 +106,44 @@ def _check_local_dir(path: str, allow_pickle: bool) -> None:
         )
 
 
+def ensure_bos(processor: Any) -> None:
+    """Give the template the BOS its tokenizer would add. Every encoding of ours and
+    TRL's runs with the tokenizer's special tokens off (one token stream, no double
+    BOS), so a template without one (llava-v1.6-mistral's, whose tokenizer adds it)
+    would otherwise never show the model the BOS it was trained with."""
+    tok = processor.tokenizer
+    if not tok.bos_token or not processor.chat_template:
+        return
+    if tok("x", add_special_tokens=True)["input_ids"][:1] != [tok.bos_token_id]:
+        return  # the tokenizer adds none: nothing to make up for
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    if not text.startswith(tok.bos_token):
+        processor.chat_template = "{{ bos_token }}" + processor.chat_template
+
+
 def choose_chat_template(processor: Any, mode: str, name: str) -> None:
     """Make the processor's template one that keeps each image next to its label.
     The same processor serves generation, scoring and training, so whatever is
     chosen here is what all three see."""
     if mode == "interleaved" or (mode == "auto" and not keeps_image_order(processor)):
+        # the model's own role markup with images in place; the generic USER:/ASSISTANT:
+        # one only for a template whose pieces cannot be read off
+        fmt = role_format(processor) if processor.chat_template else None
+        fallback = interleaved_template(fmt) if fmt else INTERLEAVED_CHAT_TEMPLATE
         if mode == "auto":
             log.warning(
                 "%s: its chat template moves images away from their Image{k} labels; "
-                "using the interleaved USER:/ASSISTANT: template (model.chat_template)",
+                "using %s with images in place (model.chat_template)",
                 name,
+                "its own role format" if fmt else "the USER:/ASSISTANT: template",
             )
-        processor.chat_template = INTERLEAVED_CHAT_TEMPLATE
+        processor.chat_template = fallback
+        if fmt and not keeps_image_order(processor):  # a format we misread: the generic one
+            processor.chat_template = INTERLEAVED_CHAT_TEMPLATE
     elif not keeps_image_order(processor):
         raise UserError(
             f"model.chat_template: {name}'s own template does not keep images in prompt "
@@ -190,6 +217,7 @@ def _load_errors(cfg: ModelConfig) -> Iterator[None]:
 def _check(cfg: ModelConfig, processor: Any, config: Any) -> Family:
     family = family_for(config, processor, cfg.path)
     choose_chat_template(processor, cfg.chat_template, cfg.path)
+    ensure_bos(processor)
     probe_image_tokens(processor, family)
     return family
 
