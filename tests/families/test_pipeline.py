@@ -56,6 +56,7 @@ VIEWS: dict[str, Callable[[int], tuple[int, int]]] = {
     "llava-next": _first,  # the base view comes first, then anyres tiles and newlines
     "idefics3": _last,  # the global view closes the image, after its tiles
     "gemma3": _first,  # 16 pooled soft tokens
+    "paligemma": _first,  # SigLIP, no CLS: all 16 tokens are the grid
     "qwen2-vl": _first,  # 4x4 merged tokens of a 64-pixel square picture
     "qwen2.5-vl": _first,
     "llava-onevision": _first,  # base view first, as LLaVA-NeXT
@@ -101,7 +102,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, family: str) 
 
 
 CLASSES = {"llava-interleave": "Llava", "llava-next": "LlavaNext", "idefics3": "Idefics3",
-           "gemma3": "Gemma3", "qwen2-vl": "Qwen2VL", "qwen2.5-vl": "Qwen2VL",
+           "gemma3": "Gemma3", "paligemma": "PaliGemma", "qwen2-vl": "Qwen2VL",
+           "qwen2.5-vl": "Qwen2VL",
            "llava-onevision": "LlavaNext", "smolvlm": "Idefics3", "internvl": "InternVL",
            "mistral3": "Pixtral"}  # fmt: skip
 
@@ -150,7 +152,7 @@ def _image_token_id(model: Any) -> int:
     return cfg.image_token_id if getattr(cfg, "image_token_id", None) else cfg.image_token_index
 
 
-def _eager(model_dir: Path, rec: ScoredResponse) -> tuple[np.ndarray, list[list[int]]]:
+def _eager(model_dir: Path, rec: ScoredResponse, family: str) -> tuple[np.ndarray, list[list[int]]]:
     """attentions[layer], head mean, over the rows predicting the response, at each
     image's columns (found by the `ImageK` label before them): the stages' input,
     through an eager model given every processor output."""
@@ -165,11 +167,14 @@ def _eager(model_dir: Path, rec: ScoredResponse) -> tuple[np.ndarray, list[list[
     n = enc["input_ids"].shape[1]
     answer = torch.tensor([rec.response.token_ids])
     inputs = dict(enc)
+    inputs.pop("labels", None)  # PaliGemma's processor adds them; this pass computes no loss
     inputs["input_ids"] = torch.cat([enc["input_ids"], answer], 1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    for key in ("token_type_ids", "mm_token_type_ids"):  # answer tokens are text: 0
+    for key in ("token_type_ids", "mm_token_type_ids"):  # answer tokens are text: 0 ...
         if key in enc:
-            inputs[key] = torch.cat([enc[key], torch.zeros_like(answer)], 1)
+            # ... except in PaliGemma's prefix-LM, where 1 marks the suffix (the answer)
+            fill = 1 if key == "token_type_ids" and family == "paligemma" else 0
+            inputs[key] = torch.cat([enc[key], torch.full_like(answer, fill)], 1)
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     att = out.attentions[rec.layer][0].mean(0)  # (T, T)
@@ -196,7 +201,7 @@ def test_shares_equal_an_eager_computation(run: LocalStore, model_dir: Path, fam
             picked.setdefault(rec.sample.format, rec)
     assert set(picked) == {"sequence", "grid", "pic_in_pic"}
     for rec in picked.values():
-        rows, columns = _eager(model_dir, rec)
+        rows, columns = _eager(model_dir, rec, family)
         att = rows[[c for cols in columns for c in cols]]
         np.testing.assert_allclose(rec.token_attention, att, rtol=1e-4, atol=1e-7)
         s = rec.sample
@@ -256,7 +261,8 @@ def test_training_sees_the_generation_tokens(run: LocalStore, model_dir: Path) -
     example = {"images": images, "prompt": prompt_messages(gen.sample.prompt),
                "chosen": answer_messages(gen.sample.chosen),
                "rejected": answer_messages(response.text)}  # fmt: skip
-    batch = DataCollatorForVisionPreference(processor)([example])
+    family = check_model(ModelConfig(path=str(model_dir)))
+    batch = DataCollatorForVisionPreference(family.training_processor(processor))([example])
     rejected = batch["input_ids"][1]
     assert torch.equal(rejected[: len(prompt)], prompt)
     completion = rejected[batch["completion_mask"][1].bool()].tolist()

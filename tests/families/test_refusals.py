@@ -17,7 +17,6 @@ from mia_dpo.models.loading import check_model
 from tests.families.factory import FAMILIES
 
 REFUSED = {
-    "paligemma": "prefix-LM",  # token_type_ids not carried through scoring and training
     "mllama": "cross-attention",  # no image tokens in the decoder
 }
 

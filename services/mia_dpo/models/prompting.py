@@ -129,6 +129,7 @@ def batch_inputs(lm: Any, prompts: list[str], images: list[list[Any]]) -> Any:
     texts = [chat_text(lm.processor, p) for p in prompts]
     nested = images if any(images) else None
     enc = encode(lm.processor, texts, nested, padding=True, return_tensors="pt")
+    enc.pop("labels", None)  # PaliGemma's processor adds a training target: not an input
     return to_model(enc, lm)
 
 

@@ -135,7 +135,8 @@ def make_trainer(
     from transformers import PrinterCallback
     from trl import DPOTrainer, SFTTrainer
 
-    cls = SFTTrainer if type(args).__name__ == "SFTConfig" else DPOTrainer
+    sft = type(args).__name__ == "SFTConfig"
+    cls = SFTTrainer if sft else DPOTrainer
     trainer = cls(
         model=lm.model,
         args=args,
@@ -143,9 +144,35 @@ def make_trainer(
         processing_class=lm.processor,
         peft_config=peft_config,
         callbacks=callbacks,
+        data_collator=family_collator(lm, args, sft),
     )
     trainer.remove_callback(PrinterCallback)  # LogToStage says it in one line
     return trainer
+
+
+def family_collator(lm: Any, args: Any, sft: bool) -> Any:
+    """TRL's own vision collator (None: the trainer builds it), around the family's
+    training processor when it has one of its own (PaliGemma's prefix-LM answers)."""
+    family = getattr(lm, "family", None)
+    processor = family.training_processor(lm.processor) if family is not None else lm.processor
+    if processor is lm.processor:
+        return None
+    if sft:
+        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+        return DataCollatorForVisionLanguageModeling(
+            processor=processor,
+            max_length=args.max_length,
+            completion_only_loss=args.completion_only_loss,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            dataset_text_field=args.dataset_text_field,
+            assistant_only_loss=args.assistant_only_loss,
+        )
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    return DataCollatorForVisionPreference(
+        processor=processor, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
+    )
 
 
 class LogToStage(TrainerCallback):

@@ -15,11 +15,12 @@ from mia_dpo.models.families.idefics3 import Idefics3
 from mia_dpo.models.families.internvl import InternVL
 from mia_dpo.models.families.llava import Llava
 from mia_dpo.models.families.llava_next import LlavaNext
+from mia_dpo.models.families.paligemma import PaliGemma
 from mia_dpo.models.families.pixtral import Pixtral
 from mia_dpo.models.families.qwen2_vl import Qwen2VL
 
 FAMILIES: tuple[type[Family], ...] = (
-    Llava, LlavaNext, Qwen2VL, Idefics3, Gemma3, InternVL, Pixtral
+    Llava, LlavaNext, Qwen2VL, Idefics3, Gemma3, InternVL, Pixtral, PaliGemma
 )  # fmt: skip
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_TYPE)
@@ -28,7 +29,6 @@ SUPPORTED = ", ".join(SUPPORTED_MODEL_TYPES)
 # Refused by name, with the reason (docs/method.md §3 needs image tokens in the decoder).
 REFUSED_WHY = {
     "mllama": "cross-attention model: its decoder has no image tokens to attend to",
-    "paligemma": "prefix-LM (token_type_ids) not yet carried through scoring and training",
     "internlmxcomposer2": (
         "remote-code model: its image embeddings are spliced in at text markers, so its "
         "spans would have to come from its own masks"

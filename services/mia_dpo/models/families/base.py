@@ -75,6 +75,11 @@ class Family:
         """Value of a per-token processor output (token_type_ids...) on answer tokens."""
         return 0
 
+    def training_processor(self, processor: Any) -> Any:
+        """What TRL's vision collator should call as its processor: the processor itself,
+        unless the family's cannot tokenize an answer on its own (PaliGemma)."""
+        return processor
+
     # -- shared -----------------------------------------------------------------
     def image_tokens(
         self, ids: torch.Tensor | list[int], enc: Mapping[str, Any], images: range
