@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from mia_dpo.prompts import IMAGE_TAG
 
 # Renders list content in order ("USER: Image1:<image>\nImage2:<image>\nIn Image2, ..."),
@@ -134,8 +132,10 @@ def batch_inputs(lm: Any, prompts: list[str], images: list[list[Any]]) -> Any:
 
 
 def to_model(enc: Any, lm: Any) -> Any:
+    # tensors duck-typed: this module is imported by the select stage, which runs in the
+    # light image without torch
     for key, value in list(enc.items()):
-        if isinstance(value, torch.Tensor):
+        if hasattr(value, "is_floating_point") and hasattr(value, "to"):
             dtype = lm.dtype if value.is_floating_point() else value.dtype
             enc[key] = value.to(lm.device, dtype)
     return enc
