@@ -236,7 +236,8 @@ class Controller:
         position = STAGE_ORDER.index(stage)
         if position == 0:
             return list(range(plan.n_shards))
-        upstream = STAGE_ORDER[position - 1]
+        # the nearest sharded stage before it: calibrate (one task) passes no shards on
+        upstream = next(s for s in reversed(STAGE_ORDER[:position]) if s not in SINGLE_TASK_STAGES)
         if not self.store.exists(layout.stage_done_key(self.run_id, upstream)):
             raise UserError(
                 f"stages: {stage} needs the output of {upstream}, which run {self.run_id!r} "

@@ -18,11 +18,15 @@ FORMATS: tuple[Format, ...] = ("sequence", "grid", "pic_in_pic")
 
 # Stages a queue message may name. Later stages (generate, score, ...) add
 # themselves here as they are implemented.
-StageName = Literal["augment", "generate", "score", "select", "train", "evaluate"]
-STAGE_ORDER: tuple[str, ...] = ("augment", "generate", "score", "select", "train", "evaluate")
+StageName = Literal["augment", "generate", "calibrate", "score", "select", "train", "evaluate"]
+STAGE_ORDER: tuple[str, ...] = (
+    "augment", "generate", "calibrate", "score", "select", "train", "evaluate",
+)  # fmt: skip
+# What a run does unless told otherwise; calibrate joins when the score config asks for it.
+DEFAULT_STAGES: tuple[str, ...] = tuple(s for s in STAGE_ORDER if s != "calibrate")
 # Stages that run one task over the whole run instead of one per shard.
-SINGLE_TASK_STAGES: frozenset[str] = frozenset({"select", "train", "evaluate"})
-MODEL_STAGES: frozenset[str] = frozenset({"generate", "score", "train", "evaluate"})
+SINGLE_TASK_STAGES: frozenset[str] = frozenset({"calibrate", "select", "train", "evaluate"})
+MODEL_STAGES: frozenset[str] = frozenset({"generate", "calibrate", "score", "train", "evaluate"})
 
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -159,10 +163,15 @@ class Pair(Record):
     format: Format
     n_images: int
     target_index: int
-    ratio: float
+    ratio: float | None = Field(description="Attention ratio; None for an answer not scored.")
     ppl: float
     length_ratio: float = Field(description="len(rejected) / len(chosen), in tokens.")
     edit_distance: float = Field(description="Normalised edit distance chosen vs rejected.")
+    sft_only: bool = Field(
+        default=False,
+        description="A right answer (rejected = chosen): no DPO signal, only the SFT term's. "
+        "Written only when true.",
+    )
 
 
 class ShardStats(BaseModel):

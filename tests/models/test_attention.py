@@ -256,7 +256,8 @@ def test_capture_function_mask_forms(form: str) -> None:
     mask = {"none": None, "bool": allowed, "float": mask_add}[form]
     module = FakeAttention(h // h_kv)
     probe = AttentionProbe.__new__(AttentionProbe)
-    probe.rows, probe.calls, probe._weights = (2, 7), 0, None
+    probe.rows, probe.calls, probe._weights = (2, 7), 0, {}
+    probe.layers, probe._attns = [0], [module]
     module._mia_probe = probe
     out, none = capture_attention_forward(module, q, k, v, mask, scaling=d**-0.5)
     ref_out, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d**-0.5)
@@ -264,3 +265,19 @@ def test_capture_function_mask_forms(form: str) -> None:
     assert torch.equal(out, ref_out)
     torch.testing.assert_close(probe.weights, reference_rows(q, k, mask_add, (2, 7)))
     assert probe.calls == 1
+
+
+def test_several_layers_in_one_pass_equal_one_layer_each(models) -> None:
+    from mia_dpo.models.attention import capture_layers_attention
+
+    sdpa, _ = models
+    inputs = make_inputs(BATCHES["b3"], seed=7)
+    width = inputs["input_ids"].shape[1]
+    rows = (width // 2, width)
+    together = capture_layers_attention(sdpa, inputs, [3, 0, 2], rows)
+    assert len(together) == 3
+    for layer, got in zip([3, 0, 2], together, strict=True):
+        alone = capture_layer_attention(sdpa, inputs, layer, rows)
+        torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    assert not torch.equal(together[0], together[1])  # each layer its own weights
+    assert not any(hasattr(layer.self_attn, "_mia_probe") for layer in decoder_layers(sdpa))

@@ -209,3 +209,62 @@ def test_full_feature_strategy_skips_cls_in_grid_and_pip(
         ratio, shares = reference_ratio(rec, att)  # on the last 64 tokens
         assert rec.ratio == pytest.approx(ratio, abs=1e-5)
         np.testing.assert_allclose(rec.image_shares, shares, atol=1e-5)
+
+
+# --- calibration (stages/calibrate.py) -----------------------------------------------
+
+
+def with_right_answers(ref: Reference, gen: Out) -> list[str]:
+    """The generated shard with every other answer replaced by its ground truth (the
+    tiny random model is never right), token ids as training would see them."""
+    from mia_dpo.models.prompting import answer_ids
+
+    rows = []
+    for i, g in enumerate(gen.generated()):
+        if i % 2 == 0:
+            ids = answer_ids(ref.processor, g.sample.prompt, g.sample.chosen)
+            right = Response(text=g.sample.chosen, token_ids=ids, logprobs=[-1.0] * len(ids),
+                             ppl=2.718)  # fmt: skip
+            g = g.model_copy(update={"responses": [right]})
+        rows.append(g.model_dump_json())
+    return rows
+
+
+def test_calibrate_reads_every_layer_as_score_reads_one(env: Env, gen: Out, ref) -> None:
+    from mia_dpo.calibration import Calibration, Observation
+    from mia_dpo.runtime import layout
+    from mia_dpo.stages import get_stage
+    from mia_dpo.records import Task
+
+    rows = with_right_answers(ref, gen)
+    run_id = "calib-0"
+    env.store.put_jsonl(layout.shard_key(run_id, "generate", 0), rows)
+    cfg = {"score.layer": "auto", "score.thresholds": "calibrated",
+           "calibrate.min_answers_per_cell": 2}  # fmt: skip
+    stats = get_stage("calibrate")(Task.make(run_id, "calibrate", 0), env.ctx(cfg))
+    cal = Calibration.model_validate_json(env.store.get_text(layout.calibration_key(run_id)))
+    obs = [Observation.model_validate_json(r) for r in
+           env.store.get_jsonl(layout.calibration_key(run_id, "observations.jsonl"))]  # fmt: skip
+    assert stats.kept == len(obs) == cal.n_answers == len(rows)
+    assert cal.n_right == sum(o.right for o in obs) == (len(rows) + 1) // 2
+    assert all(len(o.ratios) == 4 for o in obs)
+    assert env.store.get_bytes(layout.calibration_key(run_id, "auc_by_layer.png"))[:4] == b"\x89PNG"
+    assert cal.auc_by_layer[cal.layers[0]] == max(a for a in cal.auc_by_layer if a is not None)
+
+    # the score stage, told to use the calibration, reads the chosen layer, applies the
+    # calibrated thresholds, and its wrong answers' ratios equal calibrate's at that layer
+    out = get_stage("score")(Task.make(run_id, "score", 0), env.ctx(cfg))
+    recs = [ScoredResponse.model_validate_json(r)
+            for r in env.store.get_jsonl(layout.shard_key(run_id, "score", 0))]  # fmt: skip
+    wrong = [r for r in recs if r.ratio is not None]
+    assert out.total == len(rows) and wrong
+    by_kind = {}
+    for o in obs:
+        by_kind.setdefault((o.format, o.n_images, o.right), []).append(o.ratios[cal.layers[0]])
+    for r in wrong:
+        assert r.layer == cal.layers[0]
+        assert r.threshold == cal.threshold(r.sample.format, r.sample.n_images)
+        assert any(abs(r.ratio - x) < 1e-5 for x in by_kind[(*kind(r), False)])
+    # without calibration.json the score stage says what to do, in one line
+    with pytest.raises(UserError, match="mia-dpo calibrate --run-id calib-1"):
+        get_stage("score")(Task.make("calib-1", "score", 0), env.ctx(cfg))

@@ -33,11 +33,16 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_base_model(args: argparse.Namespace) -> int:
     require("model", "base-model")
-    from mia_dpo.demo.base_model import ensure_base_model
+    from mia_dpo.demo.base_model import REPORT_NAME, ensure_base_model, format_report, read_report
 
     params = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
     path = ensure_base_model(Path(args.out), **params)
+    report = read_report(path)
+    if report is None:  # ensure_base_model has just written it: only a race gets here
+        raise UserError(f"{path}: no readable {REPORT_NAME}")
     print(f"base model -> {path}")
+    for line in format_report(report):  # trained now or cached: the same figures
+        print(line)
     return 0
 
 
@@ -50,6 +55,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides={"model.path": args.model})
     out = train_standalone(Path(args.pairs), args.model, Path(args.out), cfg)
     print(f"adapter -> {out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    require("model", "calibrate")
+    from mia_dpo.calibration import Calibration, format_calibration
+    from mia_dpo.runtime import layout
+    from mia_dpo.runtime.worker import run_task_directly
+    from mia_dpo.stages import get_stage
+
+    cfg, run_id, store, _ = open_run(args)
+    if not store.exists(layout.stage_done_key(run_id, "generate")):
+        raise UserError(f"calibrate: run {run_id!r} has no finished generate stage to read")
+    if args.force:  # measure again (a new slice size, a retrained model...)
+        store.delete(layout.marker_key(run_id, "calibrate", 0))
+    run_task_directly(cfg, run_id, "calibrate", 0, store, get_stage("calibrate"))
+    cal = Calibration.model_validate_json(store.get_text(layout.calibration_key(run_id)))
+    if args.json:
+        print(cal.model_dump_json(indent=1))
+    else:
+        print(format_calibration(cal))
+        print(f"-> {store.uri(layout.calibration_key(run_id))}")
     return 0
 
 
@@ -102,10 +129,20 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_tiny_model)
 
-    b = sub.add_parser("base-model", help="train the tiny LLaVA on single-image questions (cached)")
+    b = sub.add_parser(
+        "base-model",
+        help="train the tiny LLaVA on the synthetic questions (cached); print its accuracy "
+        "and how well attention tells right from wrong answers",
+    )
     b.add_argument("--out", required=True, help="folder to save_pretrained into")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--steps", type=int, default=None, help="optimizer steps (default: tuned)")
+    b.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps to stop at; the lr schedule keeps its length "
+        "(default: the measured recipe's 4000 of 7000)",
+    )
     b.set_defaults(fn=cmd_base_model)
 
     tr = sub.add_parser("train", help="DPO (or SFT) with LoRA on a pairs file, outside a run")
@@ -114,6 +151,17 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--out", required=True, help="folder for the adapter and metadata.json")
     tr.add_argument("--config", help="config YAML whose train section to use")
     tr.set_defaults(fn=cmd_train)
+
+    cb = sub.add_parser(
+        "calibrate",
+        help="which decoder layer's attention tells right from wrong answers: AUC per layer, "
+        "thresholds (calibration.json)",
+    )
+    add_run_id(cb)
+    cb.add_argument("--config", help="config YAML of the run")
+    cb.add_argument("--force", action="store_true", help="measure again even if done")
+    cb.add_argument("--json", action="store_true", help="calibration.json on stdout")
+    cb.set_defaults(fn=cmd_calibrate)
 
     rp = sub.add_parser(
         "report", help="an HTML report of a run: pairs, drops, training, evaluation"

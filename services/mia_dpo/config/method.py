@@ -204,10 +204,19 @@ class GenerateConfig(Section):
 
 class ScoreConfig(Section):
     batch_size: int = Field(default=4, ge=1, description="Samples per teacher-forced forward pass.")
-    layer: int | None = Field(
+    layer: int | Literal["auto"] | None = Field(
         default=None,
-        ge=0,
-        description="Decoder layer whose attention is read (0-based; null: num_layers // 2).",
+        description=(
+            "Decoder layer whose attention is read (0-based; null: num_layers // 2, the "
+            "paper's; auto: the layer (band) the calibrate stage found to separate best)."
+        ),
+    )
+    thresholds: Literal["paper", "calibrated"] = Field(
+        default="paper",
+        description=(
+            "paper: the tables below (set for LLaVA-1.5-7B at its middle layer); calibrated: "
+            "per format and image count from the calibrate stage (calibration.json)."
+        ),
     )
     sequence_thresholds: dict[int, float] = Field(
         default={2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
@@ -233,8 +242,14 @@ class ScoreConfig(Section):
         default=True, description="Store the per-image-token attention values for reports."
     )
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.layer == "auto" or self.thresholds == "calibrated"
+
     @model_validator(mode="after")
     def _check(self) -> ScoreConfig:
+        if isinstance(self.layer, int) and self.layer < 0:
+            raise ValueError(f"layer: must be >= 0, null or 'auto', got {self.layer}")
         for name, table, allowed in (
             ("sequence_thresholds", self.sequence_thresholds, SEQUENCE_COUNTS),
             ("grid_thresholds", self.grid_thresholds, GRID_COUNTS),
@@ -243,6 +258,43 @@ class ScoreConfig(Section):
             if missing:
                 raise ValueError(f"{name}: no threshold for {missing[0]} images")
         return self
+
+
+class CalibrateConfig(Section):
+    """How the calibrate stage measures, per decoder layer, whether the target's attention
+    share tells right answers from wrong ones (ROC AUC), and sets thresholds from it."""
+
+    max_answers: int = Field(
+        default=800,
+        ge=10,
+        description="Answers read (a deterministic slice of the generated ones, right and wrong).",
+    )
+    max_band: int = Field(
+        default=1,
+        ge=1,
+        description="Widest band of adjacent layers whose ratios are averaged (1: single layers).",
+    )
+    quantile: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "Threshold per format and image count: this quantile of the right answers' ratios "
+            "(0.1: about one right answer in ten would be rejected, were it wrong)."
+        ),
+    )
+    auc_floor: float = Field(
+        default=0.6,
+        ge=0.5,
+        le=1.0,
+        description="Below this best AUC the report and status say selection is near chance.",
+    )
+    min_answers_per_cell: int = Field(
+        default=8,
+        ge=2,
+        description="Right and wrong answers a cell needs for its own AUC and threshold.",
+    )
+    batch_size: int = Field(default=4, ge=1, description="Answers per teacher-forced pass.")
 
 
 class SelectConfig(Section):
@@ -256,11 +308,22 @@ class SelectConfig(Section):
     min_pairs_for_fences: int = Field(
         default=8, ge=1, description="Below this many pairs quartiles mean little: keep them all."
     )
-    strategy: Literal["attention", "random"] = Field(
+    strategy: Literal["attention", "random", "random_wrong", "ppl_only"] = Field(
         default="attention",
         description=(
-            "attention: MIA-DPO; random: an ablation that rejects randomly chosen responses "
-            "(not equal to the ground truth), as many as attention selection would give."
+            "attention: MIA-DPO. Ablations: random: as many pairs as attention gives, answers "
+            "drawn from all generated ones, right or wrong (a right one makes a pair with no "
+            "DPO signal); random_wrong: the same, drawn from the scored wrong answers only; "
+            "ppl_only: every scored wrong answer with PPL > score.min_ppl, no attention rule, "
+            "then the same outlier fences."
+        ),
+    )
+    label_balance: bool = Field(
+        default=False,
+        description=(
+            "Per answer label, add correctly answered samples as SFT-only rows (rejected = "
+            "chosen: no DPO signal, only train.sft_weight's term) until the label is chosen "
+            "as often as it is rejected, so DPO does not learn the labels' prior."
         ),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -25,6 +25,7 @@ from mia_dpo.config.connections import (
 )
 from mia_dpo.config.method import (
     AugmentConfig,
+    CalibrateConfig,
     EvaluateConfig,
     GenerateConfig,
     InputConfig,
@@ -34,7 +35,7 @@ from mia_dpo.config.method import (
     TrainConfig,
 )
 from mia_dpo.errors import UserError
-from mia_dpo.records import STAGE_ORDER
+from mia_dpo.records import DEFAULT_STAGES, STAGE_ORDER, StageName
 
 
 class RunConfig(Section):
@@ -44,8 +45,12 @@ class RunConfig(Section):
     seed: int = Field(
         default=0, ge=0, description="Run seed; each sample is seeded from (seed, id)."
     )
-    stages: list[Literal["augment", "generate", "score", "select", "train", "evaluate"]] = Field(
-        default=list(STAGE_ORDER), description="Stages to run, in pipeline order."
+    stages: list[StageName] = Field(
+        default=list(DEFAULT_STAGES),
+        description=(
+            "Stages to run, in pipeline order. calibrate is added before score when "
+            "score.layer is auto or score.thresholds calibrated."
+        ),
     )
     input: InputConfig = Field(default_factory=InputConfig, description="Source data to augment.")
     store: StoreConfig = Field(
@@ -69,6 +74,10 @@ class RunConfig(Section):
     score: ScoreConfig = Field(
         default_factory=ScoreConfig, description="Attention-aware selection (docs/method.md §3)."
     )
+    calibrate: CalibrateConfig = Field(
+        default_factory=CalibrateConfig,
+        description="Which layer's attention tells right from wrong answers (calibration.json).",
+    )
     select: SelectConfig = Field(
         default_factory=SelectConfig,
         description="Post-selection over all pairs (docs/method.md §4).",
@@ -86,6 +95,19 @@ class RunConfig(Section):
             raise ValueError(
                 f"launcher.kind {self.launcher.kind!r} needs queue.backend 'redis' "
                 "(an in-process queue is visible only to inline workers)"
+            )
+        if (
+            self.score.needs_calibration
+            and "score" in self.stages
+            and "calibrate" not in self.stages
+        ):
+            # the score stage needs calibration.json; a run resumed from score onwards
+            # finds it in the store (calibrate is then already done and skipped)
+            self.stages.insert(self.stages.index("score"), "calibrate")
+        if self.select.label_balance and self.train.sft_weight <= 0:
+            raise ValueError(
+                "select: label_balance adds rows that carry only the SFT term; "
+                "set train.sft_weight > 0"
             )
         order = [s for s in STAGE_ORDER if s in self.stages]
         if order != list(self.stages):
@@ -105,6 +127,7 @@ class RunConfig(Section):
                 "model",
                 "generate",
                 "score",
+                "calibrate",
                 "select",
                 "train",
                 "evaluate",
@@ -112,6 +135,7 @@ class RunConfig(Section):
             exclude={
                 "generate": {"batch_size"},
                 "score": {"batch_size"},
+                "calibrate": {"batch_size"},
                 "model": {"device"},
                 "evaluate": {"batch_size"},
             },

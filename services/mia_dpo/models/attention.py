@@ -1,4 +1,4 @@
-"""Read ONE decoder layer's attention weights in a teacher-forced forward pass.
+"""Read decoder layers' attention weights (one, or a chosen few) in a teacher-forced pass.
 
 Asking a Hugging Face model for ``output_attentions=True`` needs the eager kernel
 in every layer and returns a (B, H, T, T) tensor per layer: memory grows with the
@@ -22,7 +22,7 @@ memory-efficient kernels); the vision tower keeps its own implementation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -53,7 +53,8 @@ def capture_attention_forward(
     )
     probe = getattr(module, _PROBE_ATTR, None)
     if probe is not None:
-        probe._record(_row_weights(module, query, key, attention_mask, scaling, probe.rows, kwargs))
+        weights = _row_weights(module, query, key, attention_mask, scaling, probe.rows, kwargs)
+        probe._record(module, weights)
     return out
 
 
@@ -167,43 +168,58 @@ def _nested(path: list[str], value: str) -> str | dict[str, Any]:
 
 
 class AttentionProbe:
-    """Capture one decoder layer's head-mean attention for query rows [r0, r1).
+    """Capture decoder layers' head-mean attention for query rows [r0, r1).
 
     >>> with AttentionProbe(model, layer=16, rows=(r0, r1)) as probe:
     ...     model(**inputs)
     >>> probe.weights  # (B, r1 - r0, T) float32, T = the full (padded) sequence
 
-    Rows index the positions of the padded batch; rows of padding come out as zeros
-    and are the caller's to ignore.
+    `layer` may be a list (calibration reads every layer in one pass): then
+    `probe.layer_weights[i]` is the i-th listed layer's (B, R, T), and `weights` the
+    first's. Rows index the positions of the padded batch; rows of padding come out as
+    zeros and are the caller's to ignore.
     """
 
-    def __init__(self, model: nn.Module, layer: int, rows: tuple[int, int]) -> None:
+    def __init__(self, model: nn.Module, layer: int | Sequence[int], rows: tuple[int, int]) -> None:
         self.model = model
         self.text_model = _text_model(model)
         layers = self.text_model.layers
-        if not 0 <= layer < len(layers):
-            raise ValueError(f"layer {layer} out of range: the model has {len(layers)} layers")
+        wanted = [layer] if isinstance(layer, int) else list(layer)
+        if not wanted:
+            raise ValueError("no layer to probe")
+        for i in wanted:
+            if not 0 <= i < len(layers):
+                raise ValueError(f"layer {i} out of range: the model has {len(layers)} layers")
         r0, r1 = rows
         if not 0 <= r0 < r1:
             raise ValueError(f"rows must satisfy 0 <= r0 < r1, got {rows}")
-        self.layer = layer
+        self.layer = wanted[0]
+        self.layers = wanted
         self.rows = (int(r0), int(r1))
-        self.calls = 0  # forward passes of the probed layer seen (tests, sanity)
-        self._attn: nn.Module = layers[layer].self_attn
-        self._weights: torch.Tensor | None = None
+        self.calls = 0  # forward passes of a probed layer seen (tests, sanity)
+        self._attns: list[nn.Module] = [layers[i].self_attn for i in wanted]
+        self._weights: dict[int, torch.Tensor] = {}  # id(attention module) -> (B, R, T)
         self._previous: str | None = None
         self._path: list[str] = []
 
-    def _record(self, weights: torch.Tensor) -> None:
+    def _record(self, module: nn.Module, weights: torch.Tensor) -> None:
         self.calls += 1
-        self._weights = weights
+        self._weights[id(module)] = weights
+
+    @property
+    def layer_weights(self) -> list[torch.Tensor]:
+        """Per probed layer, in the order given: (B, R, T) float32 of the last pass."""
+        missing = [
+            i for i, a in zip(self.layers, self._attns, strict=True) if id(a) not in self._weights
+        ]
+        if missing:
+            raise RuntimeError(f"no forward pass of layer {missing[0]} ran inside the probe")
+        return [self._weights[id(a)] for a in self._attns]
 
     @property
     def weights(self) -> torch.Tensor:
-        """(B, R, T) float32 head-mean attention of the last forward pass."""
-        if self._weights is None:
-            raise RuntimeError("no forward pass of the probed layer ran inside the probe")
-        return self._weights
+        """(B, R, T) float32 head-mean attention of the (first) probed layer."""
+        return self.layer_weights[0]
 
     def __enter__(self) -> AttentionProbe:
         register_capture_attention()
@@ -218,7 +234,8 @@ class AttentionProbe:
         self.model.set_attn_implementation(_nested(path, CAPTURE_IMPLEMENTATION))
         if text_config._attn_implementation != CAPTURE_IMPLEMENTATION:
             raise RuntimeError(f"could not switch {type(self.text_model).__name__} to capture")
-        setattr(self._attn, _PROBE_ATTR, self)
+        for attn in self._attns:
+            setattr(attn, _PROBE_ATTR, self)
         return self
 
     def __exit__(
@@ -227,8 +244,9 @@ class AttentionProbe:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if hasattr(self._attn, _PROBE_ATTR):
-            delattr(self._attn, _PROBE_ATTR)
+        for attn in self._attns:
+            if hasattr(attn, _PROBE_ATTR):
+                delattr(attn, _PROBE_ATTR)
         if self._previous is not None:
             self.model.set_attn_implementation(_nested(self._path, self._previous))
             self._previous = None
@@ -245,3 +263,14 @@ def capture_layer_attention(
     with torch.no_grad(), AttentionProbe(model, layer, rows) as probe:
         model(**kwargs)
     return probe.weights
+
+
+def capture_layers_attention(
+    model: nn.Module, inputs: Mapping[str, Any], layers: Sequence[int], rows: tuple[int, int]
+) -> list[torch.Tensor]:
+    """As `capture_layer_attention`, for several layers in one pass: per layer (B, R, T)."""
+    kwargs = dict(inputs)
+    kwargs.setdefault("use_cache", False)
+    with torch.no_grad(), AttentionProbe(model, layers, rows) as probe:
+        model(**kwargs)
+    return probe.layer_weights

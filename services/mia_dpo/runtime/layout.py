@@ -75,6 +75,11 @@ def augment_images_prefix(run_id: str, shard: int) -> str:
     return f"runs/{run_id}/augment/images/shard-{shard:05d}"
 
 
+def calibration_key(run_id: str, name: str = "calibration.json") -> str:
+    """calibration.json (what the score stage reads) and auc_by_layer.png."""
+    return stage_prefix(run_id, "calibrate") + name
+
+
 def pairs_key(run_id: str) -> str:
     """The reference layout: id, image, prompt, chosen, rejected + the selecting metrics."""
     return stage_prefix(run_id, "select") + "pairs.jsonl"

@@ -15,6 +15,7 @@ from mia_dpo.runtime.context import StageFn
 _STAGES: dict[str, str] = {
     "augment": "mia_dpo.stages.augment:run_shard",
     "generate": "mia_dpo.stages.generate:run_shard",
+    "calibrate": "mia_dpo.stages.calibrate:run_shard",
     "score": "mia_dpo.stages.score:run_shard",
     "select": "mia_dpo.stages.select:run_shard",
     "train": "mia_dpo.stages.train:run_shard",
