@@ -324,14 +324,14 @@ def test_stage_refuses_other_shards(tmp_path) -> None:  # type: ignore[no-untype
         run_shard(Task.make("r1", "select", 1), make_ctx(tmp_path))
 
 
-def test_random_strategy_draws_as_many_pairs_from_all_scored(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_random_wrong_strategy_draws_as_many_pairs_from_all_scored(tmp_path) -> None:  # type: ignore[no-untyped-def]
     ctx = make_ctx(tmp_path)
     write_score_shards(ctx.store)
     attention = run_shard(Task.make("r1", "select", 0), ctx)
     picked_attention = ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")
 
     rnd = StageContext(
-        store=ctx.store, blobs=ctx.blobs, config=RunConfig(select={"strategy": "random"})
+        store=ctx.store, blobs=ctx.blobs, config=RunConfig(select={"strategy": "random_wrong"})
     )
     stats = run_shard(Task.make("r1", "select", 0), rnd)
     ids = [
@@ -346,3 +346,83 @@ def test_random_strategy_draws_as_many_pairs_from_all_scored(tmp_path) -> None: 
     assert [
         Pair.model_validate_json(x).id for x in ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")
     ] == ids
+
+
+def right_answer(s: AugmentedSample, idx: int = 0) -> ScoredResponse:
+    """A right answer as the score stage records it: dropped before scoring, no ratio."""
+    rec = scored(s, text=s.chosen.upper(), decision="dropped", reason="equals_ground_truth", idx=idx)
+    return rec.model_copy(update={"ratio": None})
+
+
+def with_config(ctx: StageContext, **cfg: object) -> StageContext:
+    return StageContext(store=ctx.store, blobs=ctx.blobs, config=RunConfig(**cfg))
+
+
+def read_pairs(ctx: StageContext) -> list[Pair]:
+    return [Pair.model_validate_json(x) for x in ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")]
+
+
+def test_random_strategy_draws_right_answers_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx = make_ctx(tmp_path)
+    write_score_shards(ctx.store)
+    attention = run_shard(Task.make("r1", "select", 0), ctx)
+    # as many right answers as wrong ones in a third shard
+    rights = [right_answer(sample(f"right{i}")) for i in range(19)]
+    ctx.store.put_jsonl(layout.shard_key("r1", "score", 2), [r.model_dump_json() for r in rights])
+    attention_again = run_shard(Task.make("r1", "select", 0), ctx)
+    assert attention_again.kept == attention.kept  # right answers never make attention pairs
+
+    stats = run_shard(Task.make("r1", "select", 0), with_config(ctx, select={"strategy": "random"}))
+    pairs = read_pairs(ctx)
+    assert stats.kept == len(pairs) == attention.kept
+    drawn_right = [p for p in pairs if p.id.startswith("right")]
+    assert stats.notes["drawn_right_answers"] == len(drawn_right)
+    # 16 of 36 answers drawn, about half of them right; a right one carries no DPO signal
+    assert 3 <= len(drawn_right) <= 13
+    assert all(p.sft_only and p.rejected == p.chosen and p.ratio is None for p in drawn_right)
+    wrong = [p for p in pairs if not p.id.startswith("right")]
+    assert all(not p.sft_only for p in wrong)
+    raw = ctx.store.get_jsonl("runs/r1/select/pairs.jsonl")
+    assert all(("sft_only" in line) == p.sft_only for line, p in zip(raw, pairs, strict=True))
+
+
+def test_ppl_only_strategy_ignores_the_attention_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx = make_ctx(tmp_path)
+    write_score_shards(ctx.store)
+    stats = run_shard(
+        Task.make("r1", "select", 0), with_config(ctx, select={"strategy": "ppl_only"})
+    )
+    ids = {p.id for p in read_pairs(ctx)}
+    assert "low-sequence-r0" not in ids  # PPL 1.05 <= score.min_ppl 1.1
+    # the answer attention let go (attention_ok) is a candidate now, judged by the fences
+    # alone (its PPL 3.0 is above the upper one)
+    assert stats.notes["candidates"] == 18 and stats.dropped == {"low_ppl": 1, "outlier_ppl": 2}
+    dropped = [json.loads(r) for r in ctx.store.get_jsonl(layout.dropped_key("r1", "select", 0))]
+    assert ("ok-sequence-r0", "outlier_ppl") in [(d["id"], d["reason"]) for d in dropped]
+    assert stats.total == stats.kept + sum(stats.dropped.values())
+
+
+def test_label_balance_adds_right_answers_of_the_rejected_labels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx = make_ctx(tmp_path)
+    # errors only: "red" is always chosen, "blue" always rejected (6 pairs)
+    wrong = [scored(sample(f"w{i}", chosen="red"), text="blue", ppl=2.0 + i / 100)
+             for i in range(6)]  # fmt: skip
+    rights = [right_answer(sample(f"b{i}", chosen="blue")) for i in range(9)]
+    rights += [right_answer(sample(f"g{i}", chosen="green")) for i in range(3)]
+    ctx.store.put_jsonl(
+        layout.shard_key("r1", "score", 0), [r.model_dump_json() for r in wrong + rights]
+    )
+    with pytest.raises(ValueError, match="sft_weight"):
+        RunConfig(select={"label_balance": True})
+    balanced = with_config(ctx, select={"label_balance": True}, train={"sft_weight": 1.0})
+    stats = run_shard(Task.make("r1", "select", 0), balanced)
+    pairs = read_pairs(ctx)
+    added = [p for p in pairs if p.sft_only]
+    assert stats.notes["sft_only_rows"] == len(added) == 6  # blue: rejected 6, now chosen 6
+    assert {p.chosen for p in added} == {"blue"}  # green was never rejected
+    assert all(p.rejected == p.chosen for p in added)
+    trl = [json.loads(r) for r in ctx.store.get_jsonl("runs/r1/select/pairs.trl.jsonl")]
+    assert sum(r["chosen"] == r["rejected"] for r in trl) == 6
+
+    run_shard(Task.make("r1", "select", 0), with_config(ctx))
+    assert not any(p.sft_only for p in read_pairs(ctx))  # off by default

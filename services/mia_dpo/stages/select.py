@@ -22,11 +22,12 @@ import json
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from mia_dpo.answers import same_answer
+from mia_dpo.answers import normalize_answer, same_answer
 from mia_dpo.config import SelectConfig
 from mia_dpo.models.prompting import answer_messages, prompt_messages
 from mia_dpo.records import FORMATS, Pair, ScoredResponse, ShardStats, Task
@@ -164,16 +165,22 @@ def post_select(
 
 def to_pair(cand: Candidate) -> Pair:
     rec = cand.scored
-    if rec.ratio is None:
+    right = same_answer(rec.response.text, rec.sample.chosen)
+    if rec.ratio is None and not right:
         # The score stage rejects only on a measured ratio; None means a corrupt record.
         raise ValueError(f"{cand.id}: rejected response without an attention ratio")
     s = rec.sample
     return Pair(
         id=cand.id, image=s.images, prompt=s.prompt, chosen=s.chosen,
-        rejected=rec.response.text, format=s.format, n_images=s.n_images,
+        rejected=s.chosen if right else rec.response.text, format=s.format, n_images=s.n_images,
         target_index=s.target_index, ratio=rec.ratio, ppl=cand.ppl,
-        length_ratio=cand.length_ratio, edit_distance=cand.edit_distance,
+        length_ratio=cand.length_ratio, edit_distance=cand.edit_distance, sft_only=right,
     )  # fmt: skip
+
+
+def pair_json(pair: Pair) -> str:
+    # sft_only only where true: pairs of the plain method keep their layout, byte for byte
+    return pair.model_dump_json(exclude={"sft_only"} if not pair.sft_only else None)
 
 
 # Pair fields copied next to the messages, so a trained model can be traced to its data.
@@ -194,12 +201,32 @@ def trl_row(pair: Pair) -> dict:
 
 
 def random_selection(scored: list[ScoredResponse], n: int, seed: int) -> list[Candidate]:
-    """The ablation: as many pairs as attention selection gave, with the rejected
-    responses drawn uniformly from every scored response (each differs from the
-    ground truth and is non-empty), ignoring the attention ratio and the fences."""
+    """An ablation: `n` pairs with the rejected responses drawn uniformly from `scored`,
+    ignoring the attention ratio and the fences (random: every answer, right or wrong;
+    random_wrong: the wrong ones that were scored)."""
     rng = random.Random(f"{seed}\x00select-random")
     picked = sorted(rng.sample(range(len(scored)), min(n, len(scored))))
     return [Candidate.from_scored(scored[i]) for i in picked]
+
+
+def balance_labels(
+    pairs: list[Candidate], right: list[ScoredResponse], seed: int
+) -> list[Candidate]:
+    """SFT-only rows (right answers) so that, per answer label, the label is chosen at
+    least as often as it is rejected: pairs built from errors alone reject some labels
+    far more often than they choose them, and DPO then learns that prior."""
+    chosen = Counter(normalize_answer(c.scored.sample.chosen) for c in pairs)
+    rejected = Counter(normalize_answer(c.scored.response.text) for c in pairs)
+    rng = random.Random(f"{seed}\x00select-balance")
+    pool = sorted(right, key=lambda r: (r.sample.sample_id, r.response_index))
+    rng.shuffle(pool)
+    added: list[Candidate] = []
+    for rec in pool:
+        label = normalize_answer(rec.sample.chosen)
+        if chosen[label] < rejected[label]:
+            chosen[label] += 1
+            added.append(Candidate.from_scored(rec))
+    return added
 
 
 # --- The stage -------------------------------------------------------------------
@@ -224,6 +251,7 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
 
     candidates: list[Candidate] = []
     scored: list[ScoredResponse] = []  # every response that was scored (has a ratio)
+    right: list[ScoredResponse] = []  # right answers the model could be trained on
     for key in score_shard_keys(ctx, task.run_id):
         for line in ctx.store.get_jsonl(key):
             rec = ScoredResponse.model_validate_json(line)
@@ -236,7 +264,14 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
                 continue
             if rec.ratio is not None:
                 scored.append(rec)
-            if rec.decision == "rejected":
+            elif rec.reason == "equals_ground_truth":
+                right.append(rec)
+            if rec.decision == "rejected" or (
+                # no attention rule: every scored wrong answer the PPL rule lets through
+                cfg.strategy == "ppl_only"
+                and rec.ratio is not None
+                and rec.response.ppl > ctx.config.score.min_ppl
+            ):
                 candidates.append(Candidate.from_scored(rec))
             else:
                 stats.drop(rec.reason)  # detail already in the score stage's drop log
@@ -251,16 +286,22 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         lo, hi = fences[name]
         drops.drop(cand.id, reason, f"{name}={cand.metric(name):.6g} outside [{lo:.6g}, {hi:.6g}]")
 
-    if cfg.strategy == "random":
-        kept = random_selection(scored, len(kept), ctx.config.seed)
+    if cfg.strategy in ("random", "random_wrong"):
+        pool = scored + right if cfg.strategy == "random" else scored
+        kept = random_selection(pool, len(kept), ctx.config.seed)
         stats.dropped = {"not_drawn": stats.total - len(kept)}
-        stats.notes["strategy_random"] = 1
+        stats.notes[f"strategy_{cfg.strategy}"] = 1
+        stats.notes["drawn_right_answers"] = sum(c.scored.ratio is None for c in kept)
+    if cfg.label_balance:
+        added = balance_labels(kept, right, ctx.config.seed)
+        kept = kept + added
+        stats.notes["sft_only_rows"] = len(added)
     pairs = [to_pair(c) for c in kept]
     stats.kept = len(pairs)
     for fmt in FORMATS:
         stats.notes[f"pairs_{fmt}"] = sum(p.format == fmt for p in pairs)
 
-    rows = [p.model_dump_json() for p in pairs]
+    rows = [pair_json(p) for p in pairs]
     trl_rows = [json.dumps(trl_row(p), ensure_ascii=False) for p in pairs]
     ctx.store.put_jsonl(layout.trl_pairs_key(task.run_id), trl_rows)
     ctx.store.put_jsonl(layout.pairs_key(task.run_id), rows)
