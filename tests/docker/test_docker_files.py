@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mia_dpo.config import load_config
-from mia_dpo.records import MODEL_STAGES, STAGE_ORDER
+from mia_dpo.records import DEFAULT_STAGES, MODEL_STAGES, STAGE_ORDER
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -31,7 +31,7 @@ def test_compose_config_loads_and_holds_no_credential(monkeypatch: pytest.Monkey
     assert cfg.launcher.kind == "external"
     assert cfg.queue.backend == "redis" and cfg.queue.url == "redis://redis:6379/0"
     assert cfg.store.backend == "s3" and cfg.store.endpoint == "minio:9000"
-    assert cfg.stages == list(STAGE_ORDER)
+    assert cfg.stages == list(DEFAULT_STAGES)
     assert cfg.input.path.startswith("/opt/mia-dpo/demo/source/")
     assert cfg.model.path == "/opt/mia-dpo/demo/model"
     raw = yaml.safe_load((DOCKER / "compose-config.yaml").read_text())

@@ -35,11 +35,21 @@ Resource-name prefix. Truncated to 52 characters so that the longest suffix
 {{- .Values.run.id | default .Release.Name }}
 {{- end }}
 
-{{/* The stages of the run, in pipeline order, as a JSON list. */}}
+{{/*
+The stages of the run, in pipeline order, as a JSON list. calibrate joins score on its
+own when config.score asks for a calibrated layer or thresholds (as the run config does),
+so that it gets a Job template too.
+*/}}
 {{- define "mia-dpo.stages" -}}
+{{- $score := (.Values.config | default dict).score | default dict }}
+{{- $calibrated := or (eq (toString (index $score "layer" | default "")) "auto") (eq (toString (index $score "thresholds" | default "")) "calibrated") }}
+{{- $wanted := .Values.run.stages }}
+{{- if and $calibrated (has "score" $wanted) }}
+{{- $wanted = append $wanted "calibrate" }}
+{{- end }}
 {{- $stages := list }}
-{{- range (list "augment" "generate" "score" "select" "train" "evaluate") }}
-{{- if has . $.Values.run.stages }}
+{{- range (list "augment" "generate" "calibrate" "score" "select" "train" "evaluate") }}
+{{- if has . $wanted }}
 {{- $stages = append $stages . }}
 {{- end }}
 {{- end }}
@@ -48,7 +58,7 @@ Resource-name prefix. Truncated to 52 characters so that the longest suffix
 
 {{/* Stages whose default image is the GPU image. */}}
 {{- define "mia-dpo.gpuImageStages" -}}
-{{- toJson (list "generate" "score" "train" "evaluate") }}
+{{- toJson (list "generate" "calibrate" "score" "train" "evaluate") }}
 {{- end }}
 
 {{/* Selector labels. Context: dict ctx, component. */}}
