@@ -24,6 +24,7 @@ from mia_dpo.data.images import pad_to_square
 from mia_dpo.errors import UserError
 from mia_dpo.models.loading import LoadedModel, load_model, pad_fill
 from mia_dpo.models.prompting import batch_inputs
+from mia_dpo.paired import PairedDelta, paired_delta
 from mia_dpo.records import Record
 
 EvalFormat = Literal["sequence", "grid", "pic_in_pic", "single"]
@@ -85,6 +86,11 @@ class EvalReport(Record):
     delta: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="model name -> cell -> its accuracy minus base's (when base was evaluated).",
+    )
+    interval: dict[str, dict[str, PairedDelta]] = Field(
+        default_factory=dict,
+        description="model name -> cell -> the delta as a paired difference over the same "
+        "items with its 95 % bootstrap interval.",
     )
 
 
@@ -228,7 +234,8 @@ def evaluate_models(
                 )
                 for it, p in zip(items, got, strict=True)
             ]
-    delta = {}
+    delta: dict[str, dict[str, float]] = {}
+    interval: dict[str, dict[str, PairedDelta]] = {}
     if "base" in cells:
         base = cells["base"]
         delta = {
@@ -236,6 +243,7 @@ def evaluate_models(
             for name, got in cells.items()
             if name != "base"
         }
+        interval = {name: paired_cells(items, answers["base"], answers[name]) for name in delta}
     return EvalReport(
         base_model=cfg.model.path,
         adapter=adapter,
@@ -243,7 +251,21 @@ def evaluate_models(
         items_sha256=items_digest(items),
         models=cells,
         delta=delta,
+        interval=interval,
     )
+
+
+def paired_cells(
+    items: Sequence[EvalItem], base: Sequence[str], variant: Sequence[str]
+) -> dict[str, PairedDelta]:
+    """Per cell, variant - base over the same items with a bootstrap interval."""
+    right: dict[str, tuple[list[bool], list[bool]]] = {}
+    for it, b, v in zip(items, base, variant, strict=True):
+        for cell in cells_of(it):
+            pair = right.setdefault(cell, ([], []))
+            pair[0].append(is_correct(b, it.answer))
+            pair[1].append(is_correct(v, it.answer))
+    return {cell: paired_delta(b, v) for cell, (b, v) in right.items()}
 
 
 # --- the human-readable report ------------------------------------------------------
@@ -264,7 +286,9 @@ def format_report(report: EvalReport) -> str:
     # Base first: report.json is stored with sorted keys, which would put it after "adapted".
     names = sorted(report.models, key=lambda m: (m != "base", m))
     deltas = [m for m in names if m in report.delta]
-    heads = ["cell", "n", *names, *("delta" if len(deltas) == 1 else f"delta {d}" for d in deltas)]
+    heads = ["cell", "n", *names]
+    for d in deltas:
+        heads += ["delta", "95 % interval"] if len(deltas) == 1 else [f"delta {d}", "interval"]
     seen = {c for cells in report.models.values() for c in cells}
     rows = []
     for cell in [c for c in CELL_ORDER if c in seen] + sorted(seen - set(CELL_ORDER)):
@@ -273,9 +297,11 @@ def format_report(report: EvalReport) -> str:
             f"{report.models[m][cell].accuracy:.3f}" if cell in report.models[m] else "-"
             for m in names
         ]
-        diffs = [
-            f"{report.delta[m][cell]:+.3f}" if cell in report.delta[m] else "-" for m in deltas
-        ]
+        diffs: list[str] = []
+        for m in deltas:
+            diffs.append(f"{report.delta[m][cell]:+.3f}" if cell in report.delta[m] else "-")
+            ci = report.interval.get(m, {}).get(cell)
+            diffs.append(f"[{ci.low:+.3f}, {ci.high:+.3f}]" if ci else "-")
         rows.append([cell_label(cell), str(n), *accs, *diffs])
     lines = [
         "# Evaluation on the held-out benchmark",
@@ -289,9 +315,10 @@ def format_report(report: EvalReport) -> str:
         "|" + "|".join("---" for _ in heads) + "|",
         *("| " + " | ".join(r) + " |" for r in rows),
         "",
-        # What a reader needs to judge a delta: the binomial noise of a cell.
-        "A cell's accuracy has a standard error of at most 0.5/sqrt(n) (0.05 at n = 100); "
-        "deltas within about twice that are noise.",
+        # What a reader needs to judge a delta: the noise of a cell.
+        "A cell's accuracy has a standard error of at most 0.5/sqrt(n) (0.05 at n = 100). "
+        "The interval is a 95 % paired bootstrap over the cell's items (2000 resamples): "
+        "a delta whose interval contains 0 is not told apart from noise.",
         "",
     ]
     return "\n".join(lines)

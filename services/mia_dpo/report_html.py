@@ -2,7 +2,8 @@
 
 Per format a few pairs with their images (target outlined), the chosen and the
 rejected answer and the share of attention per picture; every stage's drop
-reasons; the training loss curve; the evaluation table. Images are embedded as
+reasons; the attention calibration (AUC by layer, when the run calibrated); the
+training loss curve; the evaluation table. Images are embedded as
 small JPEG thumbnails, so the file travels on its own.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mia_dpo.calibration import Calibration, format_calibration
 from mia_dpo.data.images import decode_image
 from mia_dpo.errors import NotFound
 from mia_dpo.records import FORMATS, STAGE_ORDER, ScoredResponse, ShardStats
@@ -128,6 +130,28 @@ def _stats_table(store: Store, run_id: str) -> str:
     return f'<table>{head}</th><th class="l">notes</th></tr>{"".join(rows)}</table>'
 
 
+def _calibration_html(store: Store, run_id: str) -> list[str]:
+    """The AUC-by-layer plot and table; a loud banner when no layer separates."""
+    try:
+        cal = Calibration.model_validate_json(store.get_text(layout.calibration_key(run_id)))
+    except NotFound:
+        return []
+    parts = ["<h2>Attention calibration: right vs wrong answers, ROC AUC by decoder layer</h2>"]
+    if cal.best_auc is None or not cal.separates:
+        parts.append(
+            '<p class="bad"><b>WARNING: attention selection is no better than chance for this '
+            f"model</b>: the best layer's AUC is {cal.best_auc} (floor {cal.auc_floor}).</p>"
+        )
+    try:
+        png = store.get_bytes(layout.calibration_key(run_id, "auc_by_layer.png"))
+        b64 = base64.b64encode(png).decode()
+        parts.append(f'<img alt="AUC by layer" src="data:image/png;base64,{b64}">')
+    except NotFound:
+        pass
+    parts.append(f"<pre>{html.escape(format_calibration(cal))}</pre>")
+    return parts
+
+
 def write_report(
     store: Store, blobs: BlobReader, run_id: str, out: Path, per_format: int = 3
 ) -> Path:
@@ -135,6 +159,7 @@ def write_report(
         f"<h1>mia-dpo run {html.escape(run_id)}</h1>",
         "<h2>Stages</h2>",
         _stats_table(store, run_id),
+        *_calibration_html(store, run_id),
     ]
     parts.append("<h2>Pairs: chosen (ground truth) vs rejected (the model's confused answer)</h2>")
     for fmt, recs in _examples(store, run_id, per_format).items():

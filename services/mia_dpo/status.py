@@ -6,6 +6,7 @@ import contextlib
 
 from pydantic import BaseModel
 
+from mia_dpo.calibration import Calibration
 from mia_dpo.controller import Plan, done_shards
 from mia_dpo.errors import NotFound, UserError
 from mia_dpo.records import SINGLE_TASK_STAGES, STAGE_ORDER, ShardStats
@@ -30,6 +31,7 @@ class RunStatus(BaseModel):
     n_records: int
     plan_dropped: dict[str, int]
     stages: list[StageStatus]
+    calibration: str | None = None  # the calibrate stage's one-line summary, once written
 
 
 def run_status(store: Store, queue: Queue | None, run_id: str) -> RunStatus:
@@ -78,8 +80,16 @@ def run_status(store: Store, queue: Queue | None, run_id: str) -> RunStatus:
                 stats=stats,
             )
         )
+    calibration = None
+    with contextlib.suppress(NotFound):
+        text = store.get_text(layout.calibration_key(run_id))
+        calibration = Calibration.model_validate_json(text).summary()
     return RunStatus(
-        run_id=run_id, n_records=plan.n_records, plan_dropped=plan_stats.dropped, stages=stages
+        run_id=run_id,
+        n_records=plan.n_records,
+        plan_dropped=plan_stats.dropped,
+        stages=stages,
+        calibration=calibration,
     )
 
 
@@ -97,6 +107,8 @@ def format_status(st: RunStatus) -> str:
             f"{s.stage:<10}{s.state:<9}{f'{s.shards_done}/{s.shards_total}':>11}{s.queued:>8}"
             f"{s.leased:>8}{len(s.dead):>6}{s.stats.kept:>8}{dropped:>9}"
         )
+    if st.calibration:
+        lines.append(f"calibration: {st.calibration}")
     for s in st.stages:
         if s.stats.notes:
             lines.append(f"{s.stage}: {_reasons(s.stats.notes)}")
