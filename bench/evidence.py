@@ -1,17 +1,24 @@
-"""Does MIA-DPO improve the model? Base vs MIA-DPO vs random selection vs SFT, several seeds.
+"""Does MIA-DPO improve the model? Every selection variant against the base, paired, on one
+fixed benchmark, over several training seeds.
 
-    .venv/bin/python bench/evidence.py [--seeds 0 1 2] [--n 2400] [--out bench/results/evidence.md]
+    .venv/bin/python bench/evidence.py [--seeds 0 1 2] [--quick] [--work DIR]
 
-For each seed, on the tiny demo base model (`mia-dpo base-model`, trained on
-single-image questions) and synthetic data with 20 % of the source samples held
-out for evaluation:
-  (a) base:        the base model, no training;
-  (b) MIA-DPO:     augment -> generate -> score (attention) -> select -> DPO + LoRA;
-  (c) random:      the same scored responses, rejected ones drawn at random, as many pairs;
-  (d) SFT:         LoRA SFT on the chosen answers of the same pairs as (b).
-(b), (c) and (d) share one augment/generate/score pass per seed (its outputs are
-copied into their runs), so they differ only in selection or objective, and all
-are evaluated on the same held-out items. Prints a table of mean and spread.
+The protocol (issue 12):
+- one evaluation set, fixed across training seeds: its own synthetic source (seed
+  EVAL_SEED, never trained on) run through the evaluate stage's benchmark builder, then
+  only the items where no distractor shares the target's answer (a right answer is
+  never luck), at most --per-cell items per main cell (sequence, grid, pic-in-pic, single);
+- per training seed, one augment/generate pass shared by every variant (copied into
+  each variant's run), so variants differ only in scoring, selection or objective;
+- every variant answers the same items as the base; a cell's result is the paired
+  difference (variant - base) with a 95 % bootstrap interval that resamples items and
+  seeds, and the per-seed deltas are kept too;
+- variants: MIA-DPO with the paper's layer and thresholds, MIA-DPO calibrated, random
+  (any scored answer, right or wrong, as many pairs as calibrated), random_wrong (only
+  wrong answers), ppl_only (no attention rule), SFT on the calibrated pairs' chosen
+  answers, and calibrated MIA-DPO + label balance (SFT-only rows, sft_weight 1).
+
+Writes <out>.md (table and the reading), <out>.json (every figure) and <out>.png.
 """
 
 from __future__ import annotations
@@ -19,29 +26,38 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from evidence_report import CELLS, render
+
+from mia_dpo.answers import same_answer
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller
+from mia_dpo.data.images import ImageLoader
 from mia_dpo.demo.base_model import ensure_base_model
 from mia_dpo.demo.synthetic import write_synthetic
+from mia_dpo.evaluation import EvalItem, evaluate_models, load_adapter_model
+from mia_dpo.models.loading import load_model
+from mia_dpo.paired import seeds_paired_delta
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.queue import MemoryQueue
-from mia_dpo.runtime.store import LocalStore
+from mia_dpo.runtime.store import BlobReader, LocalStore
 from mia_dpo.stages import get_stage
+from mia_dpo.stages.evaluate import read_items
 
+EVAL_SEED = 9001  # the benchmark's own seed: the same items whatever the training seed
+TRAIN_SOURCE_SEED = 1234
 # The tiny model's recipe: the paper's values where they transfer (beta, sigmoid loss,
 # linear schedule, warm-up 0.1), sizes and rates scaled to a 1M-parameter model.
 RECIPE: dict[str, Any] = {
-    "input.holdout_fraction": 0.2,
     "input.shard_size": 200,
     "augment.grid_tile_px": 224,
     "generate.max_new_tokens": 6,
     "generate.batch_size": 32,
+    "calibrate.batch_size": 16,
     "score.batch_size": 16,
     "train.lora_r": 16,
     "train.lora_alpha": 32,
@@ -50,96 +66,231 @@ RECIPE: dict[str, Any] = {
     "train.batch_size": 8,
     "train.gradient_accumulation_steps": 1,
     "train.max_length": 1024,
-    "train.save_steps": 100,
+    "train.save_steps": 1000,
     "evaluate.batch_size": 32,
     "evaluate.max_new_tokens": 6,
 }
-VARIANTS = {
-    "MIA-DPO": {},
-    "random selection": {"select.strategy": "random", "evaluate.compare_base": False},
-    "SFT on chosen": {"train.method": "sft", "evaluate.compare_base": False},
-}
-SHARED_STAGES = ("plan", "augment", "generate", "score")
+CALIBRATED = {"score.layer": "auto", "score.thresholds": "calibrated"}
+# name -> (overrides, the run whose stage outputs it reuses, the stages it reuses)
+VARIANTS: dict[str, tuple[dict[str, Any], str | None, tuple[str, ...]]] = {
+    "MIA-DPO calibrated": (CALIBRATED, None, ()),
+    "MIA-DPO paper": ({}, "MIA-DPO calibrated", ("plan", "augment", "generate")),
+    "random (any answer)": (
+        {**CALIBRATED, "select.strategy": "random"}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score"),
+    ),
+    "random_wrong": (
+        {**CALIBRATED, "select.strategy": "random_wrong"}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score"),
+    ),
+    "ppl_only": (
+        {**CALIBRATED, "select.strategy": "ppl_only"}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score"),
+    ),
+    "SFT on chosen": (
+        {**CALIBRATED, "train.method": "sft"}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score", "select"),
+    ),
+    "MIA-DPO calibrated + label balance": (
+        {**CALIBRATED, "select.label_balance": True, "train.sft_weight": 1.0},
+        "MIA-DPO calibrated", ("plan", "augment", "generate", "calibrate", "score"),
+    ),
+}  # fmt: skip
 
 
-def run_variant(
-    store: LocalStore, src: Path, base: Path, seed: int, name: str, first: str | None
-) -> dict:
-    overrides = {
-        **RECIPE, **VARIANTS[name], "seed": seed, "model.path": str(base),
-        "input.path": str(src / "data.json"), "input.image_root": str(src / "images"),
-        "store.root": str(store.root),
-    }  # fmt: skip
-    cfg = load_config(None, overrides=overrides, environ={})
-    run_id = f"s{seed}-{name.split()[0].lower().replace('-', '')}"
-    if first is not None:  # reuse the first variant's augment/generate/score outputs
-        for stage in SHARED_STAGES:
-            src_dir = store.root / layout.stage_prefix(first, stage)
+def run_id_of(seed: int, name: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return f"s{seed}-{'-'.join(p for p in slug.split('-') if p)}"[:63]
+
+
+def train_variant(store: LocalStore, src: Path, base: Path, seed: int, name: str) -> dict:
+    overrides, reuse, stages = VARIANTS[name]
+    cfg = load_config(
+        None,
+        overrides={
+            **RECIPE,
+            **overrides,
+            "seed": seed,
+            "model.path": str(base),
+            "stages": ["augment", "generate", "score", "select", "train"],
+            "input.path": str(src / "data.json"),
+            "input.image_root": str(src / "images"),
+            "store.root": str(store.root),
+        },
+        environ={},
+    )
+    run_id = run_id_of(seed, name)
+    if reuse is not None and not store.exists(layout.stage_done_key(run_id, "train")):
+        first = run_id_of(seed, reuse)
+        for stage in stages:  # reuse finished outputs: the controller skips those stages
+            dest = store.root / layout.stage_prefix(run_id, stage)
             shutil.copytree(
-                src_dir, store.root / layout.stage_prefix(run_id, stage), dirs_exist_ok=True
+                store.root / layout.stage_prefix(first, stage), dest, dirs_exist_ok=True
             )
-        store.put_json(
-            layout.config_key(run_id),
-            cfg.model_copy(update={"run_id": run_id}).model_dump(mode="json"),
-        )
+            # records name their images by URI; a worker reads only its own run's
+            for path in dest.rglob("*.jsonl"):
+                text = path.read_text(encoding="utf-8")
+                path.write_text(text.replace(f"/runs/{first}/", f"/runs/{run_id}/"), "utf-8")
     t0 = time.perf_counter()
     Controller(cfg, run_id, store, MemoryQueue(cfg.queue), stages=get_stage, progress=False).run()
-    report = store.get_json(layout.stage_prefix(run_id, "evaluate") + "report.json")
-    return {"run_id": run_id, "seconds": time.perf_counter() - t0, "report": report}
+    out: dict[str, Any] = {"run_id": run_id, "train_seconds": time.perf_counter() - t0}
+    stats = store.get_json(layout.stage_stats_key(run_id, "select"))
+    out["pairs"], out["select_notes"] = stats["kept"], stats.get("notes", {})
+    if store.exists(layout.calibration_key(run_id)) and reuse is None:
+        cal = store.get_json(layout.calibration_key(run_id))
+        out["calibration"] = {
+            k: cal[k] for k in ("layers", "auc", "auc_by_layer", "best_auc", "separates")
+        }
+        out["thresholds"] = {f"{c['format']}/{c['n_images']}": c["threshold"] for c in cal["cells"]}
+    out["cfg"] = cfg
+    return out
 
 
-def cells_of(report: dict, model: str) -> dict[str, float]:
-    """{cell: accuracy} of one model in an EvalReport JSON."""
-    return {name: c["accuracy"] for name, c in report["models"][model].items()}
+def eval_source_answers(src: Path) -> dict[str, str]:
+    """Source-relative image path -> its answer, to tell which distractors share one."""
+    return {
+        r["image"]: r["conversations"][1]["value"]
+        for r in json.loads((src / "data.json").read_text())
+    }
+
+
+def luck_free(item: EvalItem, answers: dict[str, str]) -> bool:
+    return not any(same_answer(answers[d], item.answer) for d in item.distractor_images)
+
+
+def build_benchmark(work: Path, base: Path, n_source: int, per_cell: int) -> tuple[Any, list]:
+    """The fixed item set: the evaluate stage's builder on the evaluation source."""
+    src = work / "eval-src"
+    if not (src / "data.json").exists():
+        write_synthetic(src, n_source, seed=EVAL_SEED)
+    store = LocalStore(work / "eval-store")
+    cfg = load_config(
+        None,
+        overrides={
+            **RECIPE,
+            "seed": EVAL_SEED,
+            "model.path": str(base),
+            "stages": ["evaluate"],
+            "input.path": str(src / "data.json"),
+            "input.image_root": str(src / "images"),
+            "input.holdout_fraction": 0.99,
+            "store.root": str(store.root),
+        },
+        environ={},
+    )
+    Controller(
+        cfg, "benchmark", store, MemoryQueue(cfg.queue), stages=get_stage, progress=False
+    ).run()
+    answers = eval_source_answers(src)
+    kept: dict[str, list[EvalItem]] = {}
+    for it in read_items(store, "benchmark"):
+        if it.format == "single" or luck_free(it, answers):
+            kept.setdefault(it.format, []).append(it)
+    items = [
+        it
+        for fmt in ("sequence", "grid", "pic_in_pic", "single")
+        for it in kept.get(fmt, [])[:per_cell]
+    ]
+    return cfg, items
+
+
+def correctness(cfg: Any, items: list[EvalItem], model: Any) -> list[bool]:
+    blobs = ImageLoader(BlobReader(cfg.store), cfg.input.max_image_pixels)
+    report_preds: list = []
+    evaluate_models(
+        items,
+        lambda it: blobs.load_all(it.images, it.id),
+        {"m": model},
+        cfg,
+        predictions=report_preds,
+    )
+    return [p.correct for p in report_preds]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--n", type=int, default=2400, help="synthetic source samples")
+    ap.add_argument("--quick", action="store_true", help="one seed, 300 items per cell")
+    ap.add_argument("--n", type=int, default=2400, help="synthetic training source samples")
+    ap.add_argument("--eval-n", type=int, default=1400, help="evaluation source samples")
+    ap.add_argument("--per-cell", type=int, default=600, help="items per main cell, at most")
     ap.add_argument("--base", default=".demo/base", help="cached base model folder")
-    ap.add_argument("--out", default="bench/results/evidence.md")
+    ap.add_argument(
+        "--out", default=None, help="results path stem (default bench/results/evidence)"
+    )
     ap.add_argument("--work", default=None, help="keep the runs here (default: a temp dir)")
     args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.per_cell, args.eval_n = args.seeds[:1], min(args.per_cell, 300), 700
+    stem = Path(
+        args.out or ("bench/results/evidence-quick" if args.quick else "bench/results/evidence")
+    )
+    t_start = time.perf_counter()
     base = ensure_base_model(Path(args.base))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mia-evidence-"))
+    cfg, items = build_benchmark(work, base, args.eval_n, args.per_cell)
+    base_right = correctness(cfg, items, load_model(cfg.model))
+    print(f"benchmark: {len(items)} items, base right {sum(base_right)}", flush=True)
     src = work / "src"
     if not (src / "data.json").exists():
-        write_synthetic(src, args.n, seed=1234)
+        write_synthetic(src, args.n, seed=TRAIN_SOURCE_SEED)
     store = LocalStore(work / "store")
-    acc: dict[str, list[dict[str, float]]] = {"base": [], **{v: [] for v in VARIANTS}}
+    right: dict[str, list[list[bool]]] = {name: [] for name in VARIANTS}
     runs = []
     for seed in args.seeds:
-        first = None
         for name in VARIANTS:
-            res = run_variant(store, src, base, seed, name, first)
+            res = train_variant(store, src, base, seed, name)
+            vcfg = res.pop("cfg")
+            adapter = store.root / layout.adapter_prefix(layout.train_prefix(res["run_id"]))
+            t0 = time.perf_counter()
+            right[name].append(correctness(cfg, items, load_adapter_model(vcfg.model, adapter)))
+            res["eval_seconds"] = time.perf_counter() - t0
             runs.append({"seed": seed, "variant": name, **res})
-            if first is None:
-                first = res["run_id"]
-                acc["base"].append(cells_of(res["report"], "base"))
-            acc[name].append(cells_of(res["report"], "adapted"))
-            print(f"seed {seed} {name}: {res['seconds']:.0f}s", flush=True)
-    cells = list(acc["base"][0])
-    lines = [f"| variant | {' | '.join(cells)} |", "|---" * (len(cells) + 1) + "|"]
-    for name, per_seed in acc.items():
-        row = []
-        for cell in cells:
-            vals = [p[cell] for p in per_seed]
-            spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row.append(f"{statistics.mean(vals):.3f} ± {spread:.3f}")
-        lines.append(f"| {name} | {' | '.join(row)} |")
-    n_items = runs[0]["report"]["models"]["base"]
-    table = "\n".join(lines)
-    header = (
-        f"Seeds {args.seeds}; {args.n} synthetic samples, 20 % held out; accuracy (exact match), "
-        f"mean ± sample std over seeds. Items per cell (seed {args.seeds[0]}): "
-        + ", ".join(f"{k} {v['n']}" for k, v in n_items.items())
+            print(f"seed {seed} {name}: {res['pairs']} pairs, {res['train_seconds']:.0f}s "
+                  f"+ eval {res['eval_seconds']:.0f}s", flush=True)  # fmt: skip
+    results = summarise(items, base_right, right)
+    results.update(
+        seeds=args.seeds, n_train_source=args.n, eval_seed=EVAL_SEED, runs=runs,
+        minutes=(time.perf_counter() - t_start) / 60,
+    )  # fmt: skip
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(
+        json.dumps(results, indent=1, default=str), encoding="utf-8"
     )
-    print("\n" + header + "\n\n" + table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + "\n\n" + table + "\n", encoding="utf-8")
-    (out.with_suffix(".json")).write_text(json.dumps(runs, indent=1, default=str), encoding="utf-8")
+    md, png = render(results)
+    stem.with_suffix(".md").write_text(md, encoding="utf-8")
+    stem.with_suffix(".png").write_bytes(png)
+    print("\n" + md)
+
+
+def summarise(items: list[EvalItem], base: list[bool], right: dict[str, list[list[bool]]]) -> dict:
+    """Per cell: base accuracy, each variant's paired delta over items and seeds."""
+    cells: dict[str, list[int]] = {c: [] for c in CELLS}
+    for i, it in enumerate(items):
+        cells["single" if it.format == "single" else "multi_image"].append(i)
+        if it.format != "single":
+            cells[it.format].append(i)
+    out: dict[str, Any] = {"n": {c: len(ix) for c, ix in cells.items()}, "base": {}, "delta": {}}
+    for c, ix in cells.items():
+        out["base"][c] = sum(base[i] for i in ix) / max(len(ix), 1)
+    pairs = [(name, "base") for name in right] + [
+        ("MIA-DPO calibrated", "random (any answer)"), ("MIA-DPO calibrated", "SFT on chosen"),
+        ("MIA-DPO calibrated + label balance", "random (any answer)"),
+        ("MIA-DPO calibrated + label balance", "SFT on chosen"),
+    ]  # fmt: skip
+    for name, ref in pairs:
+        key = name if ref == "base" else f"{name} - {ref}"
+        out["delta"][key] = {}
+        for c, ix in cells.items():
+            runs = [[s[i] for i in ix] for s in right[name]]
+            refs = [[base[i] for i in ix]] * len(runs) if ref == "base" else [
+                [s[i] for i in ix] for s in right[ref]
+            ]  # fmt: skip
+            d = seeds_paired_delta(refs, runs)
+            out["delta"][key][c] = {**d.model_dump(), "per_seed": [
+                (sum(r) - sum(b)) / max(len(ix), 1) for r, b in zip(runs, refs, strict=True)
+            ]}  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -130,3 +130,29 @@ def test_config_adds_calibrate_before_score_when_asked() -> None:
     assert cfg.stages == ["calibrate", "score", "select"]
     with pytest.raises(ValueError, match="layer"):
         ScoreConfig(layer=-1)
+
+
+def test_report_and_status_show_the_calibration(tmp_path) -> None:
+    """The HTML report embeds the AUC plot and the table, and warns when nothing
+    separates; status prints the one-line summary with the same warning."""
+    from mia_dpo.report_html import _calibration_html
+    from mia_dpo.runtime import layout
+    from mia_dpo.runtime.store import LocalStore
+    from mia_dpo.status import RunStatus, format_status
+
+    store = LocalStore(tmp_path)
+    assert _calibration_html(store, "r") == []  # no calibration: no section
+    good = calibrate(observations(), 4, CalibrateConfig(), ScoreConfig())
+    noise = calibrate(observations(good=-1 % 4, n=40), 4, CalibrateConfig(), ScoreConfig())
+    noise = noise.model_copy(update={"best_auc": 0.52, "separates": False})
+    for cal, warned in ((good, False), (noise, True)):
+        store.put_text(layout.calibration_key("r"), cal.model_dump_json())
+        store.put_bytes(layout.calibration_key("r", "auc_by_layer.png"), auc_plot_png(cal))
+        page = "".join(_calibration_html(store, "r"))
+        assert 'src="data:image/png;base64,iVBOR' in page  # the PNG, embedded
+        assert "L0" in page and "thresholds at layer" in page
+        assert ("no better than chance" in page) is warned
+        line = format_status(RunStatus(run_id="r", n_records=1, plan_dropped={}, stages=[],
+                                       calibration=cal.summary()))  # fmt: skip
+        assert f"calibration: layer {cal.layers[0]}" in line
+        assert ("WARNING" in line) is warned

@@ -268,8 +268,12 @@ def test_stage_params_exclude_connections() -> None:
         launcher={"kind": "external", "default_workers": 8},
     )
     assert set(a.stage_params()) == {
-        "seed", "input", "augment", "model", "generate", "score", "select", "train", "evaluate",
+        "seed", "input", "augment", "model", "generate", "calibrate", "score", "select", "train",
+        "evaluate",
     }  # fmt: skip
+    # calibrate.batch_size, like every batch size, changes no output
+    assert RunConfig(calibrate={"batch_size": 64}).stage_params() == RunConfig().stage_params()
+    assert RunConfig(calibrate={"quantile": 0.2}).stage_params() != RunConfig().stage_params()
     assert RunConfig(generate={"batch_size": 64}).stage_params() == RunConfig().stage_params()
     assert RunConfig(score={"layer": 3}).stage_params() != RunConfig().stage_params()
     assert a.stage_params() == b.stage_params()

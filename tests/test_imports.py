@@ -27,22 +27,26 @@ ALLOWED: dict[str, set[str]] = {
     "prompts": {"records"},
     "extras": {"errors"},
     "config": {"errors", "records"},
+    # numpy-only leaves: the light image (select, status, report) reads them without torch
+    "calibration": CORE,
+    "paired": set(),
     "runtime": CORE,
     "data": CORE,
     "augmentation": CORE | {"data"},
     "models": CORE | {"data"},
     "training": CORE | {"data", "models", "runtime"},
-    "evaluation": CORE | {"data", "models"},
-    "stages": CORE | {"data", "models", "augmentation", "training", "evaluation", "runtime"},
-    "demo": CORE | {"data", "models"},
+    "evaluation": CORE | {"data", "models", "paired"},
+    "stages": CORE
+    | {"data", "models", "augmentation", "training", "evaluation", "runtime", "calibration"},
+    "demo": CORE | {"data", "models", "calibration"},
     "controller": CORE | {"data", "runtime"},
-    "status": CORE | {"runtime", "controller"},
+    "status": CORE | {"runtime", "controller", "calibration"},
     "retry": CORE | {"runtime"},
     "report": CORE | {"data", "runtime"},
-    "report_html": CORE | {"data", "runtime"},
+    "report_html": CORE | {"data", "runtime", "calibration"},
     "cli": CORE
     | {"data", "models", "augmentation", "training", "evaluation", "runtime", "stages"}
-    | {"demo", "controller", "status", "retry", "report", "report_html"},
+    | {"demo", "controller", "status", "retry", "report", "report_html", "calibration"},
     "__main__": {"cli"},
 }
 STAGE_CONTRACT = {"mia_dpo.runtime.context", "mia_dpo.runtime.store", "mia_dpo.runtime.layout"}

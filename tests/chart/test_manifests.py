@@ -145,6 +145,34 @@ def test_stage_subset_in_pipeline_order(tmp_path: Path) -> None:
     assert [i["path"] for i in items] == ["config.yaml", "jobs/augment.yaml", "jobs/select.yaml"]
 
 
+@pytest.mark.parametrize(
+    "score", ["{layer: auto}", "{thresholds: calibrated}", "{layer: 3, thresholds: paper}"]
+)
+def test_calibration_adds_a_calibrate_job_on_the_gpu_image(tmp_path: Path, score: str) -> None:
+    values = tmp_path / "v.yaml"
+    values.write_text(f"config: {{score: {score}}}\n")
+    r = render(values)
+    cfg = load_config(_write(tmp_path, r.config_text), environ={})
+    if "paper" in score:  # a fixed layer and the paper's table: nothing to calibrate
+        assert "calibrate" not in r.jobs and "calibrate" not in cfg.stages
+        return
+    assert list(cfg.stages) == [
+        "augment",
+        "generate",
+        "calibrate",
+        "score",
+        "select",
+        "train",
+        "evaluate",
+    ]
+    assert cfg.launcher.workers["calibrate"] == 1
+    pod = r.jobs["calibrate"]["spec"]["template"]["spec"]
+    assert "gpu" in pod["containers"][0]["image"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    items = [i["path"] for i in _controller_volume(r)["configMap"]["items"]]
+    assert "jobs/calibrate.yaml" in items
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(text)

@@ -1,0 +1,119 @@
+"""The evidence study's table, its mechanical reading, and its plot (PIL: no matplotlib)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+CELLS = ("multi_image", "sequence", "grid", "pic_in_pic", "single")
+LABELS = {"multi_image": "multi-image", "pic_in_pic": "pic-in-pic"}
+GOAL_MULTI, GOAL_SINGLE = 0.05, -0.01  # issue 12's bar: +5 points multi, at most -1 single
+
+
+def _ci(d: dict[str, Any]) -> str:
+    return f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def _reading(res: dict[str, Any]) -> list[str]:
+    """What the figures say against the issue's bar, computed, not written by hand."""
+    delta = res["delta"]
+    out = []
+    for name in ("MIA-DPO calibrated", "MIA-DPO calibrated + label balance"):
+        m, s = delta[name]["multi_image"], delta[name]["single"]
+        beats = {
+            ref: delta[name]["multi_image"]["low"] > delta[ref]["multi_image"]["high"]
+            for ref in ("random (any answer)", "SFT on chosen")
+        }
+        met = m["delta"] >= GOAL_MULTI and s["delta"] >= GOAL_SINGLE and all(beats.values())
+        out.append(
+            f"- **{name}**: multi-image {_ci(m)}, single {_ci(s)}; its multi-image interval "
+            + ", ".join(
+                f"{'lies above' if ok else 'overlaps'} {ref}'s" for ref, ok in beats.items()
+            )
+            + f". The issue's bar (>= +{GOAL_MULTI:.2f} multi, >= {GOAL_SINGLE:+.2f} single, "
+            f"intervals apart from random and SFT): **{'met' if met else 'not met'}**."
+        )
+    return out
+
+
+def render(res: dict[str, Any]) -> tuple[str, bytes]:
+    n, base = res["n"], res["base"]
+    head = "| variant | " + " | ".join(f"{LABELS.get(c, c)} (n {n[c]})" for c in CELLS) + " |"
+    lines = [
+        "# Evidence: every variant against the base, paired on one fixed benchmark",
+        "",
+        f"Training seeds {res['seeds']}; {res['n_train_source']} synthetic training samples; "
+        f"benchmark seed {res['eval_seed']} (its own source, never trained on; items where a "
+        f"distractor shares the target's answer left out). {res['minutes']:.1f} minutes.",
+        "Each cell: mean change in accuracy against the base on the same items, and its 95 % "
+        "bootstrap interval over items and training seeds.",
+        "",
+        head,
+        "|---" * (len(CELLS) + 1) + "|",
+        "| base (accuracy) | " + " | ".join(f"{base[c]:.3f}" for c in CELLS) + " |",
+    ]
+    for name, cells in res["delta"].items():
+        lines.append(f"| {name} | " + " | ".join(_ci(cells[c]) for c in CELLS) + " |")
+    lines += ["", "Per-seed multi-image deltas: " + "; ".join(
+        f"{name} " + ", ".join(f"{v:+.3f}" for v in cells["multi_image"]["per_seed"])
+        for name, cells in res["delta"].items() if " - " not in name
+    ), ""]  # fmt: skip
+    cal = [r for r in res["runs"] if "calibration" in r]
+    if cal:
+        lines += ["Calibration (the calibrated variants' shared calibrate stage), per seed:", ""]
+        for r in cal:
+            c = r["calibration"]
+            by_layer = ", ".join("-" if a is None else f"{a:.3f}" for a in c["auc_by_layer"])
+            auc = "n/a" if c["auc"] is None else f"{c['auc']:.3f}"
+            lines.append(
+                f"- seed {r['seed']}: layer {c['layers']}, AUC {auc}, AUC by layer [{by_layer}]"
+                f", separates: {c['separates']}; thresholds "
+                + ", ".join(f"{k} {v:.3f}" for k, v in r["thresholds"].items())
+            )
+        lines.append("")
+    pairs = {r["variant"]: r["pairs"] for r in res["runs"] if r["seed"] == res["seeds"][0]}
+    lines += [
+        f"Pairs (seed {res['seeds'][0]}): " + ", ".join(f"{k} {v}" for k, v in pairs.items()),
+        "",
+        "## Reading",
+        "",
+        *_reading(res),
+        "",
+    ]
+    return "\n".join(lines), _plot(res)
+
+
+def _plot(res: dict[str, Any]) -> bytes:
+    """Per variant against the base: multi-image (blue) and single (red) intervals."""
+    names = [k for k in res["delta"] if " - " not in k]
+    w, row, left, pad = 760, 34, 250, 30
+    h = pad * 2 + row * len(names) + 20
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    vals = [v for k in names for c in ("multi_image", "single")
+            for v in (res["delta"][k][c]["low"], res["delta"][k][c]["high"])]  # fmt: skip
+    lo, hi = min(min(vals), -0.05), max(max(vals), 0.08)
+
+    def x(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * (w - left - pad)
+
+    for tick in [t / 100 for t in range(int(lo * 100) - 1, int(hi * 100) + 2)]:
+        if round(tick * 100) % 5 == 0 and lo <= tick <= hi:
+            d.line([(x(tick), pad), (x(tick), h - pad)], fill=(235, 235, 235))
+            d.text((x(tick) - 12, h - pad + 4), f"{tick:+.2f}", fill=(90, 90, 90))
+    d.line([(x(0), pad), (x(0), h - pad)], fill=(0, 0, 0))
+    d.line([(x(GOAL_MULTI), pad), (x(GOAL_MULTI), h - pad)], fill=(120, 160, 230))
+    for i, name in enumerate(names):
+        y = pad + row * i + row // 2
+        d.text((8, y - 6), name, fill=(0, 0, 0))
+        for c, dy, colour in (("multi_image", -5, (31, 90, 200)), ("single", 5, (200, 40, 40))):
+            v = res["delta"][name][c]
+            d.line([(x(v["low"]), y + dy), (x(v["high"]), y + dy)], fill=colour, width=3)
+            d.ellipse([x(v["delta"]) - 3, y + dy - 3, x(v["delta"]) + 3, y + dy + 3], fill=colour)
+    d.text((left, 8), "change vs base (blue: multi-image, red: single; 95 % interval; "
+           "blue line: +0.05 goal)", fill=(0, 0, 0))  # fmt: skip
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
