@@ -232,9 +232,9 @@ def with_right_answers(ref: Reference, gen: Out) -> list[str]:
 
 def test_calibrate_reads_every_layer_as_score_reads_one(env: Env, gen: Out, ref) -> None:
     from mia_dpo.calibration import Calibration, Observation
+    from mia_dpo.records import Task
     from mia_dpo.runtime import layout
     from mia_dpo.stages import get_stage
-    from mia_dpo.records import Task
 
     rows = with_right_answers(ref, gen)
     run_id = "calib-0"

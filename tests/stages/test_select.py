@@ -350,7 +350,9 @@ def test_random_wrong_strategy_draws_as_many_pairs_from_all_scored(tmp_path) -> 
 
 def right_answer(s: AugmentedSample, idx: int = 0) -> ScoredResponse:
     """A right answer as the score stage records it: dropped before scoring, no ratio."""
-    rec = scored(s, text=s.chosen.upper(), decision="dropped", reason="equals_ground_truth", idx=idx)
+    rec = scored(
+        s, text=s.chosen.upper(), decision="dropped", reason="equals_ground_truth", idx=idx
+    )
     return rec.model_copy(update={"ratio": None})
 
 
