@@ -42,4 +42,21 @@ def run_demo(folder: Path, n: int, seed: int, quiet: bool, out: TextIO) -> int:
     print(f"report -> {report}\ncontact sheet -> {sheet}", file=out)
     print(format_status(run_status(store, None, RUN_ID)), file=out)
     print(store.get_text(layout.evaluate_key(RUN_ID, "report.md")), file=out)
+    print(headline(store.get_json(layout.evaluate_key(RUN_ID, "report.json"))), file=out)
     return 0
+
+
+def headline(report: dict) -> str:
+    """The demo's answer in two lines: what training changed, with its paired interval."""
+    lines = []
+    for cell, label in (("multi_image", "multi-image"), ("single", "single-image")):
+        ci = report.get("interval", {}).get("adapted", {}).get(cell)
+        if ci:
+            verdict = (
+                "not told apart from noise" if ci["low"] <= 0 <= ci["high"] else "beyond noise"
+            )
+            lines.append(
+                f"MIA-DPO vs base, {label} ({ci['n']} items): {ci['delta']:+.3f} "
+                f"[95 % interval {ci['low']:+.3f}, {ci['high']:+.3f}], {verdict}"
+            )
+    return "\n".join(lines)

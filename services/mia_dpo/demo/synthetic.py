@@ -33,6 +33,14 @@ COUNT_WORDS: tuple[str, ...] = ("1", "2", "3", "4")
 SUBSOURCES: tuple[str, ...] = ("colors", "shapes", "counts")
 
 MIN_IMAGE_PX = 32
+# Shape side as a (numerator, denominator) fraction of the room it is drawn in, least
+# and most: bold shapes make perception errors rare, so the base model's mistakes on
+# several images are about which image it read, not what it saw (recipe r2).
+SIZE_MIN = (3, 5)
+SIZE_MAX = (9, 10)
+# Shapes sit centred in their room up to this many px either way: with few, large
+# vision patches each patch token then sees the same part of a shape.
+JITTER_PX = 3
 _MARGIN_PX = 2  # keeps shapes off the border and apart from each other
 
 
@@ -110,9 +118,12 @@ def _draw_shape(
     """Draw one shape of random size and position strictly inside `box`."""
     bx0, by0, bx1, by1 = box
     room = min(bx1 - bx0, by1 - by0) - 2 * _MARGIN_PX
-    size = rng.randint(max(6, room * 2 // 5), max(6, room * 4 // 5))
-    x0 = rng.randint(bx0 + _MARGIN_PX, bx1 - _MARGIN_PX - size)
-    y0 = rng.randint(by0 + _MARGIN_PX, by1 - _MARGIN_PX - size)
+    least, most = (max(6, room * a // b) for a, b in (SIZE_MIN, SIZE_MAX))
+    size = rng.randint(least, most)
+    lo_x, hi_x = bx0 + _MARGIN_PX, bx1 - _MARGIN_PX - size
+    lo_y, hi_y = by0 + _MARGIN_PX, by1 - _MARGIN_PX - size
+    x0 = min(hi_x, max(lo_x, (lo_x + hi_x) // 2 + rng.randint(-JITTER_PX, JITTER_PX)))
+    y0 = min(hi_y, max(lo_y, (lo_y + hi_y) // 2 + rng.randint(-JITTER_PX, JITTER_PX)))
     x1, y1 = x0 + size - 1, y0 + size - 1  # PIL boxes include their last pixel
     if shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
