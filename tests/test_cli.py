@@ -257,3 +257,31 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     )  # fmt: skip
     line = error_line(proc)
     assert "pip install 'mia-dpo[model]'" in line and "torch" in line
+
+
+def test_calibrate_needs_generate_then_prints_the_auc_table(
+    synth: Path, done_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # a run without answers: one line naming what is missing
+    line = error_line(mia("calibrate", "--run-id", RUN_ID, "--config", done_run))
+    assert f"run {RUN_ID!r} has no finished generate stage" in line
+
+    data = run_config(synth, tmp_path / "store")
+    data |= {
+        "stages": ["augment", "generate"],
+        "model": {"path": str(tiny_model_dir)},
+        "generate": {"max_new_tokens": 3},
+        "calibrate": {"min_answers_per_cell": 2},
+    }
+    cfg = write_config(tmp_path / "gen.yaml", data)
+    assert mia("run", cfg, "--run-id", "cal", "-q").returncode == 0
+    proc = mia("calibrate", "--run-id", "cal", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("calibration: layer ")
+    assert re.search(r"^pooled\s+\d+\s+\d+ \| ", out, re.M), out  # one AUC column per layer
+    assert "thresholds at layer" in out and "calibration.json" in out
+    stored = json.loads((tmp_path / "store/runs/cal/calibrate/calibration.json").read_text())
+    assert stored["n_answers"] == stored["n_right"] + stored["n_wrong"] > 0
+    proc = mia("calibrate", "--run-id", "cal", "--config", cfg, "--json", "--force")
+    assert json.loads(proc.stdout)["auc_by_layer"] == stored["auc_by_layer"]  # deterministic
