@@ -99,18 +99,21 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
             )
 
     lines = ctx.store.get_jsonl(layout.shard_key(task.run_id, "generate", task.shard))
-    for n, line in enumerate(lines):
-        gen = GeneratedSample.model_validate_json(line)
-        for idx, response in enumerate(gen.responses):
-            stats.total += 1
-            if not response.text.strip():
-                emit(n, gen.sample, idx, response, "dropped", "empty_response")
-            elif same_answer(response.text, gen.sample.chosen):
-                emit(n, gen.sample, idx, response, "dropped", "equals_ground_truth")
-            elif reason := unscorable(lm, gen.sample, response):
-                emit(n, gen.sample, idx, response, "dropped", reason)
-            else:
-                todo.append((n, gen.sample, response, idx))
+    # Shard threads of one process share the model and its tokenizer, whose padding and
+    # truncation state a fast tokenizer changes on every call: the checks below encode too.
+    with MODEL_USE_LOCK:
+        for n, line in enumerate(lines):
+            gen = GeneratedSample.model_validate_json(line)
+            for idx, response in enumerate(gen.responses):
+                stats.total += 1
+                if not response.text.strip():
+                    emit(n, gen.sample, idx, response, "dropped", "empty_response")
+                elif same_answer(response.text, gen.sample.chosen):
+                    emit(n, gen.sample, idx, response, "dropped", "equals_ground_truth")
+                elif reason := unscorable(lm, gen.sample, response):
+                    emit(n, gen.sample, idx, response, "dropped", reason)
+                else:
+                    todo.append((n, gen.sample, response, idx))
     with MODEL_USE_LOCK:
         for i in range(0, len(todo), scfg.batch_size):
             batch = todo[i : i + scfg.batch_size]
