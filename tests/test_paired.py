@@ -71,3 +71,16 @@ def test_seed_noise_widens_the_interval() -> None:
     assert one == paired_delta(base[0], steady[0])
     with pytest.raises(ValueError, match="same number"):
         seeds_paired_delta(base, steady[:2])
+
+
+def test_demo_headline_reads_the_report_intervals() -> None:
+    from mia_dpo.cli.demo import headline
+
+    d = paired_delta([False] * 100, [True] * 10 + [False] * 90).model_dump()
+    z = paired_delta([True, False], [True, False]).model_dump()
+    text = headline({"interval": {"adapted": {"multi_image": d, "single": z}}})
+    multi, single = text.splitlines()
+    assert multi.startswith("MIA-DPO vs base, multi-image (100 items): +0.100 [95 % interval +0.")
+    assert multi.endswith("beyond noise")
+    assert single.endswith("not told apart from noise")
+    assert headline({"models": {"base": {}}}) == ""  # no adapter: nothing to claim

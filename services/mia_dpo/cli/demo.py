@@ -1,9 +1,10 @@
 """`mia-dpo demo`: the whole pipeline on one machine with nothing but Python.
 
-Synthetic source data (coloured shapes), the tiny LLaVA trained on single-image
-questions (cached by its recipe), then every stage on the embedded default with the
-packaged `demo.yaml`, then the HTML report, the contact sheet and the before / after
-table. Everything lands in one folder; rerunning resumes (finished stages are skipped).
+Synthetic source data (coloured shapes), the tiny LLaVA base model (cached by its
+recipe), then every stage on the embedded default with the packaged `demo.yaml`
+(calibrated selection, label balance), then the HTML report, the contact sheet, the
+before / after table and the headline paired delta. Everything lands in one folder;
+rerunning resumes (finished stages are skipped).
 """
 
 from __future__ import annotations
