@@ -33,7 +33,7 @@ CONFIG = "/etc/mia-dpo/config.yaml"
 
 
 def test_scenarios_present() -> None:
-    assert SCENARIOS == ["default", "external-services", "kind", "multi-gpu"]
+    assert SCENARIOS == ["default", "demo", "external-services", "kind", "multi-gpu", "operator"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -77,6 +77,7 @@ def test_objects(rendered: dict[str, Rendered]) -> None:
         ("NetworkPolicy", "mia-dpo-redis"),
         ("NetworkPolicy", "mia-dpo-test"),
         ("NetworkPolicy", "mia-dpo-workers"),
+        ("PersistentVolumeClaim", "mia-dpo-minio"),
         ("Pod", "mia-dpo-test"),
         ("Role", "mia-dpo-controller"),
         ("RoleBinding", "mia-dpo-controller"),
@@ -126,11 +127,30 @@ def test_config_loads(rendered: dict[str, Rendered], scenario: str, tmp_path: Pa
     assert cfg.queue.password is None and cfg.store.access_key is None
 
 
-def test_default_config_runs_the_baked_demo(rendered: dict[str, Rendered]) -> None:
+def test_default_config_is_a_real_model_run(rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    """The defaults install LLaVA-1.5-7B on an index in the bucket; every other run
+    setting is mia-dpo's own default (the chart restates none); the demo is a values file."""
     cfg = yaml.safe_load(rendered["default"].config_text)
-    assert cfg["input"]["path"] == "/opt/mia-dpo/demo/source/data.json"
-    assert cfg["input"]["image_root"] == "/opt/mia-dpo/demo/source/images"
-    assert cfg["model"]["path"] == "/opt/mia-dpo/demo/model"
+    assert cfg["input"] == {
+        "path": "s3://mia-dpo/input/llava_v1_5_mix665k.json",
+        "image_root": "s3://mia-dpo/input/images",
+        "holdout_fraction": 0.01,  # RunConfig's 0 would make the evaluate stage refuse
+    }
+    assert cfg["model"] == {"path": "llava-hf/llava-1.5-7b-hf"}
+    chart_set = {"run_id", "stages", "queue", "store", "launcher"}
+    assert set(cfg) == {"input", "model"} | chart_set
+    loaded = load_config(_write(tmp_path, rendered["default"].config_text), environ={})
+    assert loaded.input.holdout_fraction > 0 and "evaluate" in loaded.stages
+    assert "/opt/mia-dpo/demo" not in rendered["default"].text
+
+
+def test_demo_values_run_the_baked_demo(rendered: dict[str, Rendered]) -> None:
+    for name in ("demo", "kind"):
+        cfg = yaml.safe_load(rendered[name].config_text)
+        assert cfg["input"]["path"] == "/opt/mia-dpo/demo/source/data.json", name
+        assert cfg["input"]["image_root"] == "/opt/mia-dpo/demo/source/images", name
+        assert cfg["input"]["holdout_fraction"] == 0.2, name
+        assert cfg["model"]["path"] == "/opt/mia-dpo/demo/model", name
 
 
 def test_stage_subset_in_pipeline_order(tmp_path: Path) -> None:

@@ -134,6 +134,20 @@ def multi_node(values: dict[str, Any]) -> bool:
     return "train" in values["run"]["stages"] and int(values["train"]["nodes"]) > 1
 
 
+MODEL_STAGES = ("generate", "calibrate", "score", "train", "evaluate")
+
+
+def hub_rules(values: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    """The hub egress a stage's pods get: TCP 443 for the model stages with allowHub."""
+    np = values["networkPolicy"]
+    if not (np.get("allowHub") and stage in MODEL_STAGES):
+        return []
+    rule: dict[str, Any] = {"ports": tcp(443)}
+    if np["hub"]["cidrs"]:
+        rule["to"] = [{"ipBlock": {"cidr": c}} for c in np["hub"]["cidrs"]]
+    return [rule]
+
+
 TRAIN_PEERS = {"podSelector": {"matchLabels": {**RELEASE_LABELS, "mia-dpo.io/stage": "train"}}}
 
 
@@ -173,6 +187,8 @@ def test_one_role_policy_per_pod(rendered: dict[str, Rendered], scenario: str) -
         names = sorted(p["metadata"]["name"] for p in policies_for(r, labels))
         if where.startswith("stage/"):
             extra = ["mia-dpo-train"] if where == "stage/train" and multi_node(values) else []
+            if hub_rules(values, where.removeprefix("stage/")):
+                extra.append("mia-dpo-hub")
             assert names == sorted(["mia-dpo-workers", *extra]), where
         else:
             role = where.removeprefix(f"{RELEASE}-")
@@ -187,13 +203,13 @@ def test_worker_egress_is_dns_redis_s3(rendered: dict[str, Rendered], scenario: 
         labels = pods(r, values["run"]["id"] or RELEASE)[f"stage/{stage}"]
         peers = [{"to": [TRAIN_PEERS]}] if stage == "train" and multi_node(values) else []
         got = egress_of(r, labels)
-        assert same_rules(got, expected + peers), (stage, got)
+        assert same_rules(got, expected + peers + hub_rules(values, stage)), (stage, got)
 
 
 def test_default_rules(rendered: dict[str, Rendered]) -> None:
     """The default egress, spelled out: kube-dns on 53, the bundled Redis and MinIO pods."""
     r = rendered["default"]
-    labels = pods(r, "demo")["stage/generate"]
+    labels = pods(r, "llava-665k")["stage/generate"]
     assert same_rules(egress_of(r, labels), [
         {"to": DNS_TO, "ports": DNS_PORTS},
         {"to": bundled("redis"), "ports": tcp(6379)},
@@ -204,7 +220,7 @@ def test_default_rules(rendered: dict[str, Rendered]) -> None:
 def test_egress_targets_are_the_bundled_pods(rendered: dict[str, Rendered]) -> None:
     """The Redis / MinIO egress selectors pick exactly the bundled Deployment's pods."""
     r = rendered["default"]
-    all_pods = pods(r, "demo")
+    all_pods = pods(r, "llava-665k")
     for component, port in (("redis", 6379), ("minio", 9000)):
         (rule,) = [x for x in egress_of(r, all_pods["stage/augment"]) if x["ports"] == tcp(port)]
         (peer,) = rule["to"]
@@ -226,7 +242,7 @@ def test_only_the_controller_reaches_the_api_server(
     assert same_rules(egress_of(r, controller), expected)
     if scenario != "external-services":  # there S3 itself listens on 443
         for p in r.kind("NetworkPolicy"):
-            if p["metadata"]["name"] == "mia-dpo-controller":
+            if p["metadata"]["name"] in ("mia-dpo-controller", "mia-dpo-hub"):
                 continue
             ports = {pp.get("port") for rule in p["spec"].get("egress") or []
                      for pp in rule.get("ports") or []}  # fmt: skip
@@ -275,7 +291,7 @@ def test_train_peers(rendered: dict[str, Rendered]) -> None:
 
 def test_bundled_services_accept_only_release_pods(rendered: dict[str, Rendered]) -> None:
     r = rendered["default"]
-    all_pods = pods(r, "demo")
+    all_pods = pods(r, "llava-665k")
     clients = {w for w in all_pods if not w.endswith(("-redis", "-minio"))}
     assert clients == {f"stage/{s}" for s in STAGES} | {"mia-dpo-controller", "mia-dpo-test"}
     for component, port in (("redis", 6379), ("minio", 9000)):

@@ -61,7 +61,8 @@ def test_own_sections_are_closed() -> None:
         target = prop
         if "$ref" in prop:
             target = schema["definitions"][prop["$ref"].rsplit("/", 1)[1]]
-        if target.get("type") == "object" and name not in ("podAnnotations", "podLabels"):
+        maps = ("podAnnotations", "podLabels", "jobAnnotations", "jobLabels")
+        if target.get("type") == "object" and name not in maps:
             assert target.get("additionalProperties") is False, name
 
 

@@ -174,6 +174,8 @@ def test_secret_refs_resolve(rendered: dict[str, Rendered], scenario: str) -> No
             values["s3"]["secretKeyKey"],
         },
     }
+    if values["hfToken"]["existingSecret"]:
+        existing[values["hfToken"]["existingSecret"]] = {values["hfToken"]["key"]}
     existing.pop("", None)
     refs = _secret_refs(r)
     assert refs

@@ -61,6 +61,23 @@ so that it gets a Job template too.
 {{- toJson (list "generate" "calibrate" "score" "train" "evaluate") }}
 {{- end }}
 
+{{/*
+Stages that load the model (mia_dpo.records.MODEL_STAGES): they get the Hugging Face
+token, the model cache and, with networkPolicy.allowHub, the hub egress.
+*/}}
+{{- define "mia-dpo.modelStages" -}}
+{{- toJson (list "generate" "calibrate" "score" "train" "evaluate") }}
+{{- end }}
+
+{{/* 1-based position of a stage in the run, zero-padded ("01"): sorts as text. Context: dict ctx, stage. */}}
+{{- define "mia-dpo.stageIndex" -}}
+{{- $index := 0 }}
+{{- range $i, $s := include "mia-dpo.stages" .ctx | fromJsonArray }}
+{{- if eq $s $.stage }}{{ $index = add1 $i }}{{ end }}
+{{- end }}
+{{- printf "%02d" $index }}
+{{- end }}
+
 {{/* Selector labels. Context: dict ctx, component. */}}
 {{- define "mia-dpo.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "mia-dpo.name" .ctx }}
@@ -85,24 +102,38 @@ app.kubernetes.io/part-of: mia-dpo
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end }}
 
-{{/* Labels of a stage Job and its pods. Context: dict ctx, stage. */}}
+{{/*
+Labels of a stage Job and its pods: run id, stage, and the stage's position in the run
+(`kubectl get jobs -l mia-dpo.io/run-id=ID --sort-by=.metadata.labels.mia-dpo\.io/stage-index`
+lists the run's stages in order). Context: dict ctx, stage.
+*/}}
 {{- define "mia-dpo.stageLabels" -}}
 {{ include "mia-dpo.baseLabels" (dict "ctx" .ctx "component" .stage) }}
 mia-dpo.io/stage: {{ .stage }}
-mia-dpo.io/run-id: {{ include "mia-dpo.runId" .ctx }}
+mia-dpo.io/run-id: {{ include "mia-dpo.runId" .ctx | quote }}
+mia-dpo.io/stage-index: {{ include "mia-dpo.stageIndex" . | quote }}
 {{- end }}
 
 {{/*
-A pod template's metadata body: the given labels plus podLabels, and podAnnotations.
-Context: dict ctx, labels (rendered labels).
+Labels as YAML: the chart's (rendered text) merged over the users' maps, which cannot
+override them. Context: dict labels (text), extra (list of maps, first wins).
+*/}}
+{{- define "mia-dpo.mergeLabels" -}}
+{{- $out := fromYaml .labels }}
+{{- range .extra }}{{ $out = merge $out (. | default dict) }}{{ end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+A pod template's metadata body: the given labels plus podLabels (a stage's over the global
+ones), and podAnnotations likewise. Context: dict ctx, labels (rendered labels), and
+optionally podLabels, podAnnotations (a stage's maps).
 */}}
 {{- define "mia-dpo.podMetadata" -}}
 labels:
-  {{- .labels | nindent 2 }}
-  {{- with .ctx.Values.podLabels }}
-  {{- toYaml . | nindent 2 }}
-  {{- end }}
-{{- with .ctx.Values.podAnnotations }}
+  {{- include "mia-dpo.mergeLabels" (dict "labels" .labels "extra" (list .podLabels .ctx.Values.podLabels)) | nindent 2 }}
+{{- $annotations := merge (dict) (.podAnnotations | default dict) (.ctx.Values.podAnnotations | default dict) }}
+{{- with $annotations }}
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -219,11 +250,43 @@ Context: root.
       key: {{ .Values.s3.secretKeyKey }}
 {{- end }}
 
-{{/* The environment of mia-dpo containers. Context: dict ctx, extraEnv. */}}
+{{/*
+The Hugging Face environment of a model stage: the token from its Secret, and where the
+model cache is (HF_HOME on a writable cache; HF_HUB_CACHE and offline on a read-only one,
+HF_HOME staying on /scratch for what else the libraries write). Context: root.
+*/}}
+{{- define "mia-dpo.modelEnv" -}}
+{{- with .Values.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.hfToken.key }}
+{{- end }}
+{{- $cache := .Values.modelCache }}
+{{- if $cache.enabled }}
+{{- if $cache.readOnly }}
+- name: HF_HUB_CACHE
+  value: {{ printf "%s/hub" (trimSuffix "/" $cache.mountPath) | quote }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- else }}
+- name: HF_HOME
+  value: {{ $cache.mountPath | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The environment of mia-dpo containers. Context: dict ctx, extraEnv, model (bool). */}}
 {{- define "mia-dpo.env" -}}
 - name: MIA_DPO_RUN_ID
   value: {{ include "mia-dpo.runId" .ctx | quote }}
 {{ include "mia-dpo.credentialEnv" .ctx }}
+{{- if .model }}
+{{- with include "mia-dpo.modelEnv" .ctx | trim }}
+{{ . }}
+{{- end }}
+{{- end }}
 {{- with .ctx.Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -247,7 +310,10 @@ the cluster, else a random one. Context: dict ctx, name, key, value, length.
 
 {{/* ------------------------------------------------------------------- volumes */}}
 
-{{/* volumeMounts of a mia-dpo container. Context: dict ctx, shm (bool: /dev/shm). */}}
+{{/*
+volumeMounts of a mia-dpo container. Context: dict ctx, shm (bool: /dev/shm), model
+(bool: the model cache).
+*/}}
 {{- define "mia-dpo.volumeMounts" -}}
 - name: run-config
   mountPath: /etc/mia-dpo
@@ -265,6 +331,11 @@ the cluster, else a random one. Context: dict ctx, name, key, value, length.
   mountPath: {{ .ctx.Values.data.mountPath }}
   readOnly: {{ .ctx.Values.data.readOnly }}
 {{- end }}
+{{- if and .model .ctx.Values.modelCache.enabled }}
+- name: model-cache
+  mountPath: {{ .ctx.Values.modelCache.mountPath }}
+  readOnly: {{ .ctx.Values.modelCache.readOnly }}
+{{- end }}
 {{- end }}
 
 {{/* The scratch and /tmp emptyDirs. Context: root. */}}
@@ -281,8 +352,9 @@ the cluster, else a random one. Context: dict ctx, name, key, value, length.
 {{- end }}
 
 {{/*
-volumes of a mia-dpo pod. Context: dict ctx, shm (bool), jobs (bool: the controller also
-gets the stage Job templates, at /etc/mia-dpo/jobs/<stage>.yaml).
+volumes of a mia-dpo pod. Context: dict ctx, shm (bool), model (bool: the model cache),
+jobs (bool: the controller also gets the stage Job templates, at
+/etc/mia-dpo/jobs/<stage>.yaml).
 */}}
 {{- define "mia-dpo.volumes" -}}
 - name: run-config
@@ -311,6 +383,17 @@ gets the stage Job templates, at /etc/mia-dpo/jobs/<stage>.yaml).
 - name: data
   {{- toYaml .ctx.Values.data.volume | nindent 2 }}
 {{- end }}
+{{- if and .model .ctx.Values.modelCache.enabled }}
+- name: model-cache
+  persistentVolumeClaim:
+    claimName: {{ include "mia-dpo.modelCacheClaim" .ctx }}
+    readOnly: {{ .ctx.Values.modelCache.readOnly }}
+{{- end }}
+{{- end }}
+
+{{/* The model cache's PersistentVolumeClaim: the existing one, or the chart's. Context: root. */}}
+{{- define "mia-dpo.modelCacheClaim" -}}
+{{- .Values.modelCache.existingClaim | default (printf "%s-model-cache" (include "mia-dpo.fullname" .)) }}
 {{- end }}
 
 {{/* ------------------------------------------------------------ the run config */}}
@@ -341,123 +424,4 @@ S3 connections, the kubernetes launcher). No credentials: they come from Secrets
     "kubernetes" (dict "job_templates" "/etc/mia-dpo/jobs" "cleanup" .Values.controller.cleanup))
 }}
 {{- toYaml (mergeOverwrite $cfg $chart) }}
-{{- end }}
-
-{{/* ------------------------------------------------------------- stage Jobs */}}
-
-{{/* GPUs of one pod of a stage. Context: dict ctx, stage. */}}
-{{- define "mia-dpo.stageGpus" -}}
-{{- $v := index .ctx.Values .stage }}
-{{- if eq .stage "train" }}{{ int $v.gpusPerNode }}{{ else }}{{ int $v.gpu }}{{ end }}
-{{- end }}
-
-{{/* The container command and args of a stage. Context: dict ctx, stage. */}}
-{{- define "mia-dpo.stageCommand" -}}
-{{- $v := index .ctx.Values .stage -}}
-{{- $run := include "mia-dpo.runId" .ctx -}}
-{{- $task := list "-m" "mia_dpo" "stage-task" "--stage" .stage "--run-id" $run "--config" "/etc/mia-dpo/config.yaml" -}}
-{{- if and (eq .stage "train") (gt (int $v.nodes) 1) -}}
-{{- $svc := printf "%s-train" (include "mia-dpo.fullname" .ctx) -}}
-command: ["torchrun"]
-args:
-  {{- concat (list
-      "--nnodes" (toString (int $v.nodes))
-      "--nproc-per-node" (toString (max 1 (int $v.gpusPerNode)))
-      "--rdzv-backend" "c10d"
-      "--rdzv-endpoint" (printf "%s-0.%s:%d" $svc $svc (int $v.rendezvousPort))
-      "--rdzv-id" $run) $task | toYaml | nindent 2 }}
-{{- else if and (eq .stage "train") (gt (int $v.gpusPerNode) 1) -}}
-command: ["torchrun"]
-args:
-  {{- concat (list "--standalone" "--nproc-per-node" (toString (int $v.gpusPerNode))) $task | toYaml | nindent 2 }}
-{{- else -}}
-command: ["mia-dpo"]
-args: ["worker", "--stage", {{ .stage | quote }}, "--config", "/etc/mia-dpo/config.yaml"]
-{{- end }}
-{{- end }}
-
-{{/*
-A stage's batch/v1 Job, as the controller creates it. Context: dict ctx, stage.
-*/}}
-{{- define "mia-dpo.stageJob" -}}
-{{- $ := .ctx }}
-{{- $stage := .stage }}
-{{- $v := index $.Values $stage }}
-{{- $fullname := include "mia-dpo.fullname" $ }}
-{{- $gpuImage := has $stage (include "mia-dpo.gpuImageStages" $ | fromJsonArray) }}
-{{- $gpus := include "mia-dpo.stageGpus" . | int }}
-{{- $multiNode := and (eq $stage "train") (gt (int $v.nodes) 1) }}
-{{- $oneTask := and (eq $stage "train") (not $multiNode) (gt (int $v.gpusPerNode) 1) }}
-{{- $shm := and $gpuImage $.Values.shm.enabled }}
-{{- $resources := deepCopy ($v.resources | default dict) }}
-{{- if gt $gpus 0 }}
-{{- $limits := $resources.limits | default dict }}
-{{- $_ := set $limits "nvidia.com/gpu" $gpus }}
-{{- $_ := set $resources "limits" $limits }}
-{{- end -}}
-apiVersion: batch/v1
-kind: Job
-metadata:
-  name: {{ $fullname }}-{{ $stage }}
-  labels:
-    {{- include "mia-dpo.stageLabels" . | nindent 4 }}
-spec:
-  {{- if $multiNode }}
-  # One pod per node; torchrun's c10d rendezvous on pod 0 via the headless Service.
-  completionMode: Indexed
-  completions: {{ int $v.nodes }}
-  parallelism: {{ int $v.nodes }}
-  {{- else if $oneTask }}
-  # One pod, torchrun --standalone over its GPUs.
-  completions: 1
-  parallelism: 1
-  {{- else }}
-  # Work-queue pattern: no completions; pods exit 0 when the stage is closed and drained.
-  parallelism: {{ int $v.parallelism }}
-  {{- end }}
-  backoffLimit: {{ int $v.backoffLimit }}
-  {{- if not (kindIs "invalid" $v.activeDeadlineSeconds) }}
-  activeDeadlineSeconds: {{ int64 $v.activeDeadlineSeconds }}
-  {{- end }}
-  {{- if not (kindIs "invalid" $v.ttlSecondsAfterFinished) }}
-  ttlSecondsAfterFinished: {{ int64 $v.ttlSecondsAfterFinished }}
-  {{- end }}
-  {{- with $.Values.podFailurePolicy }}
-  podFailurePolicy:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  template:
-    metadata:
-      {{- include "mia-dpo.podMetadata" (dict "ctx" $ "labels" (include "mia-dpo.stageLabels" .)) | nindent 6 }}
-    spec:
-      restartPolicy: Never
-      automountServiceAccountToken: false
-      enableServiceLinks: false
-      {{- if $multiNode }}
-      subdomain: {{ $fullname }}-train
-      {{- end }}
-      {{- include "mia-dpo.podCommon" $ | nindent 6 }}
-      containers:
-        - name: worker
-          {{- include "mia-dpo.containerImage" (dict "ctx" $ "image" $v.image "gpu" $gpuImage) | nindent 10 }}
-          {{- include "mia-dpo.stageCommand" . | nindent 10 }}
-          {{- if $multiNode }}
-          ports:
-            - name: c10d
-              containerPort: {{ int $v.rendezvousPort }}
-          {{- end }}
-          env:
-            {{- include "mia-dpo.env" (dict "ctx" $ "extraEnv" $v.extraEnv) | nindent 12 }}
-          {{- with $resources }}
-          resources:
-            {{- toYaml . | nindent 12 }}
-          {{- end }}
-          {{- include "mia-dpo.securityContext" $ | nindent 10 }}
-          volumeMounts:
-            {{- include "mia-dpo.volumeMounts" (dict "ctx" $ "shm" $shm) | nindent 12 }}
-      volumes:
-        {{- include "mia-dpo.volumes" (dict "ctx" $ "shm" $shm) | nindent 8 }}
-      {{- with include "mia-dpo.scheduling" $v | trim }}
-      {{- . | nindent 6 }}
-      {{- end }}
 {{- end }}
