@@ -218,7 +218,7 @@ def test_controller_job(rendered: dict[str, Rendered], scenario: str) -> None:
     assert pod["automountServiceAccountToken"] is True
     (c,) = pod["containers"]
     assert c["command"] == ["mia-dpo"]
-    assert c["args"] == ["run", CONFIG, "--run-id", run, "--quiet"]
+    assert c["args"] == ["run", CONFIG, "--run-id", run, "--quiet", "--summary"]
     assert c["image"] == _image(values["image"])
     mount = next(m for m in c["volumeMounts"] if m["name"] == "run-config")
     assert mount["mountPath"] == "/etc/mia-dpo"

@@ -151,6 +151,23 @@ def installed(
         emulator.close()
 
 
+def status_output(objects: list[dict[str, Any]], tmp: Path, run_id: str, s3: dict[str, str]) -> str:
+    """What `mia-dpo status --run-id RUN_ID` prints, run by hand with the release's run
+    config and credentials, as from `kubectl exec` into the controller."""
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    config = tmp / "status-config.yaml"
+    config.write_text(cm["data"]["config.yaml"], encoding="utf-8")
+    env = base_env(tmp / "no-kubeconfig") | {
+        "MIA_DPO_REDIS_PASSWORD": REDIS_PASSWORD,
+        "MIA_DPO_S3_ACCESS_KEY": s3["access_key"],
+        "MIA_DPO_S3_SECRET_KEY": s3["secret_key"],
+    }
+    argv = [sys.executable, "-m", "mia_dpo", "status", "--run-id", run_id, "--config", str(config)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.rstrip()
+
+
 def objects_in(s3_server: Any, bucket: str, prefix: str) -> list[str]:
     client = s3_server.client()
     return [o.object_name for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
@@ -175,6 +192,17 @@ def test_the_rendered_chart_runs_every_stage(
             assert labels["app.kubernetes.io/instance"] == RELEASE
             assert run.manifest["metadata"]["ownerReferences"][0]["name"] == name
             assert set(run.exit_codes) == {0}, kubelet.logs(run.name)[-2000:]
+        # `kubectl get jobs -l mia-dpo.io/run-id=k8s-e2e --sort-by=<stage-index>`: in order
+        index = "mia-dpo.io/stage-index"
+        for meta in ("metadata", "pods"):
+            got = [(r.manifest["metadata"] if meta == "metadata"
+                    else r.manifest["spec"]["template"]["metadata"])["labels"][index]
+                   for r in stage_jobs]  # fmt: skip
+            assert got == ["01", "02", "03", "04", "05", "06"], meta
+        # the controller's log ends with what `mia-dpo status` prints
+        status = status_output(objects, tmp_path, "k8s-e2e", s3_bucket)
+        assert status.startswith("run k8s-e2e: 100 input records"), status
+        assert log.rstrip().endswith("$ mia-dpo status --run-id k8s-e2e\n" + status), log[-3000:]
         # augment: 80 training samples in 4 shards, 2 workers asked and 2 started
         assert stage_jobs[0].manifest["spec"]["parallelism"] == 2
         assert stage_jobs[0].started == 2
@@ -211,6 +239,11 @@ def test_a_stage_job_that_fails_stops_the_run_with_a_report(
         assert "run failed: stage generate: Job mia/mia-dpo-generate failed" in log, log[-3000:]
         assert "kubectl logs -n mia -l job-name=mia-dpo-generate" in log
         assert "Traceback" not in log
+        # ... and then where the run stands, as `mia-dpo status` prints it
+        status = status_output(objects, tmp_path, "k8s-fail", s3_bucket)
+        assert log.rstrip().endswith("$ mia-dpo status --run-id k8s-fail\n" + status), log[-3000:]
+        assert log.index("mia-dpo: run failed: stage generate") < log.rindex(status)
+        assert "generate  running" in status or "generate  pending" in status, status
         generate = [r for r in kubelet.history if r.name == f"{RELEASE}-generate"][-1]
         assert set(generate.exit_codes) == {2}
         assert "store.secure" in kubelet.logs(generate.name)

@@ -15,6 +15,7 @@ import yaml
 
 from mia_dpo.config import RunConfig
 from mia_dpo.runtime.k8s_launcher import (
+    INDEX_LABEL,
     RUN_LABEL,
     STAGE_LABEL,
     KubernetesLauncher,
@@ -101,6 +102,20 @@ def test_render_fills_in_run_labels_parallelism_and_owner() -> None:
     assert owner["blockOwnerDeletion"] is False
 
 
+def test_render_labels_the_stage_index() -> None:
+    """The chart's zero-padded stage-index label survives; the launcher writes the same
+    value from the run's stage order, also into templates that lack it."""
+    tpl = job_manifest("t-score", ["mia-dpo"])
+    for meta in (tpl["metadata"], tpl["spec"]["template"]["metadata"]):
+        meta["labels"][INDEX_LABEL] = "03"
+    kept = render_job(tpl, "r1", "score", 1, None)
+    filled = render_job(job_manifest("t-score", ["mia-dpo"]), "r1", "score", 1, None, index=3)
+    for job in (kept, filled):
+        for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+            assert meta["labels"][INDEX_LABEL] == "03"
+    assert INDEX_LABEL not in job_manifest("t-score", ["mia-dpo"])["metadata"]["labels"]
+
+
 def test_render_gives_the_client_quantities_as_strings() -> None:
     tpl = job_manifest("t-generate", ["mia-dpo"])
     tpl["spec"]["template"]["spec"]["containers"][0]["resources"] = {
@@ -157,6 +172,7 @@ def test_start_creates_the_job_from_the_template(api: Any, tmp_path: Path) -> No
     assert job.spec.parallelism == 2
     assert job.metadata.labels[RUN_LABEL] == "r1"
     assert job.metadata.labels["app.kubernetes.io/managed-by"] == "mia-dpo-controller"
+    assert job.metadata.labels[INDEX_LABEL] == "01"  # augment: the run's first stage
     launcher.check()  # no status yet: running, nothing to report
 
 

@@ -22,8 +22,8 @@ from mia_dpo.cli.common import (
     run_checks,
     run_id_arg,
 )
-from mia_dpo.config import load_config
-from mia_dpo.errors import UserError
+from mia_dpo.config import RunConfig, load_config
+from mia_dpo.errors import TransientStoreError, UserError
 from mia_dpo.records import FORMATS, STAGE_ORDER, ShardStats
 from mia_dpo.runtime import layout
 from mia_dpo.stages import get_stage
@@ -35,8 +35,24 @@ log = logging.getLogger("mia_dpo")
 EXIT_STOPPED = 75
 
 
+def print_summary(cfg: RunConfig, store: Any, queue: Any, run_id: str) -> None:
+    """The table `mia-dpo status --run-id RUN_ID` prints, after everything else the run
+    wrote: on Kubernetes the controller pod's log then ends with where the run stands."""
+    from mia_dpo.status import format_status, run_status
+
+    sys.stderr.flush()
+    try:
+        st = run_status(store, queue if cfg.queue.backend == "redis" else None, run_id)
+    except (UserError, TransientStoreError) as e:  # nothing planned yet, or no store
+        print(f"no status for run {run_id}: {e}", flush=True)
+        return
+    print(f"\n$ mia-dpo status --run-id {run_id}", flush=True)
+    print(format_status(st), flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from mia_dpo.controller import Controller
+    from mia_dpo.controller import Controller, RunFailed
+    from mia_dpo.runtime.launchers import LaunchError
 
     cfg = load_config(args.config)
     run_id = run_id_arg(args, cfg, generate=True)
@@ -57,6 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             interrupt()
         print(f"interrupted; rerun with --run-id {run_id} to resume", file=sys.stderr)
         return 130
+    except (RunFailed, LaunchError, UserError) as e:
+        if not args.summary:
+            raise
+        # The error first (as `mia-dpo` prints it, same exit code), then the summary.
+        code, what = (2, "error") if isinstance(e, UserError) else (1, "run failed")
+        print(f"mia-dpo: {what}: {e}", file=sys.stderr, flush=True)
+        print_summary(cfg, store, queue, run_id)
+        return code
     plan = ShardStats.model_validate(store.get_json(layout.stage_stats_key(run_id, "plan")))
     if args.json:
         print_json({
@@ -74,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         dropped = ", ".join(f"{r} {n}" for r, n in sorted(plan.dropped.items()))
         print(f"plan: {plan.total} index records; dropped: {dropped}")
     print_outcomes(outcomes)
+    if args.summary:
+        print_summary(cfg, store, queue, run_id)
     return 0
 
 
@@ -190,6 +216,11 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("config", nargs="?", help="run config YAML (default: the embedded default)")
     add_run_id(r)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--summary",
+        action="store_true",
+        help="end with the `mia-dpo status` table, whether the run succeeded or failed",
+    )
     add_json(r)
     r.set_defaults(fn=cmd_run)
 

@@ -35,6 +35,9 @@ log = logging.getLogger("mia_dpo.launcher.k8s")
 
 RUN_LABEL = "mia-dpo.io/run-id"
 STAGE_LABEL = "mia-dpo.io/stage"
+# The stage's 1-based position in the run, zero-padded so that `kubectl get jobs
+# --sort-by=.metadata.labels.mia-dpo\.io/stage-index` lists a run's stages in order.
+INDEX_LABEL = "mia-dpo.io/stage-index"
 MANAGED_BY = ("app.kubernetes.io/managed-by", "mia-dpo-controller")
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # The chart passes the controller's own Job (downward API) so stage Jobs are owned
@@ -67,14 +70,22 @@ def load_job_template(path: Path, stage: str) -> dict[str, Any]:
 
 
 def render_job(
-    template: dict[str, Any], run_id: str, stage: str, workers: int, owner: dict[str, str] | None
+    template: dict[str, Any],
+    run_id: str,
+    stage: str,
+    workers: int,
+    owner: dict[str, str] | None,
+    index: int | None = None,
 ) -> dict[str, Any]:
-    """The template with the run's facts filled in (a copy; the template is untouched)."""
+    """The template with the run's facts filled in (a copy; the template is untouched).
+    `index`: the stage's 1-based position in the run (None: the template's label stays)."""
     job = copy.deepcopy(template)
-    labels = {RUN_LABEL: run_id, STAGE_LABEL: stage, MANAGED_BY[0]: MANAGED_BY[1]}
-    job["metadata"].setdefault("labels", {}).update(labels)
+    own = {RUN_LABEL: run_id, STAGE_LABEL: stage}
+    if index is not None:
+        own[INDEX_LABEL] = f"{index:02d}"
+    job["metadata"].setdefault("labels", {}).update({**own, MANAGED_BY[0]: MANAGED_BY[1]})
     pod_meta = job["spec"]["template"].setdefault("metadata", {})
-    pod_meta.setdefault("labels", {}).update({RUN_LABEL: run_id, STAGE_LABEL: stage})
+    pod_meta.setdefault("labels", {}).update(own)
     spec = job["spec"]
     # Work-queue Jobs scale with the shards left; Indexed or fixed-completion Jobs
     # (multi-node torchrun) have a shape the chart decided.
@@ -176,7 +187,8 @@ class KubernetesLauncher(Launcher):
 
     def start(self, run_id: str, stage: str, n: int) -> None:
         path = Path(self.kcfg.job_templates) / f"{stage}.yaml"
-        job = render_job(load_job_template(path, stage), run_id, stage, n, self._owner())
+        index = self.cfg.stages.index(stage) + 1 if stage in self.cfg.stages else None
+        job = render_job(load_job_template(path, stage), run_id, stage, n, self._owner(), index)
         name = job["metadata"]["name"]
         self.job, self.stage, self._finished_at, self._last_check = name, stage, None, 0.0
         existing = self._call(lambda: self._read(name), "read")
