@@ -36,8 +36,13 @@ ALLOWED: dict[str, set[str]] = {
     "models": CORE | {"data"},
     "training": CORE | {"data", "models", "runtime"},
     "evaluation": CORE | {"data", "models", "paired"},
+    # the adapter's model card: light (no torch), shared by train, evaluate and export
+    "model_card": CORE | {"runtime", "calibration"},
     "stages": CORE
-    | {"data", "models", "augmentation", "training", "evaluation", "runtime", "calibration"},
+    | {"data", "models", "augmentation", "training", "evaluation", "runtime", "calibration"}
+    | {"model_card"},
+    # run exports: pairs for other trainers, the adapter (export.adapter) ready to share
+    "export": CORE | {"data", "models", "runtime", "model_card"},
     "demo": CORE | {"data", "models", "calibration"},
     "controller": CORE | {"data", "runtime"},
     "status": CORE | {"runtime", "controller", "calibration"},
@@ -46,7 +51,8 @@ ALLOWED: dict[str, set[str]] = {
     "report_html": CORE | {"data", "runtime", "calibration"},
     "cli": CORE
     | {"data", "models", "augmentation", "training", "evaluation", "runtime", "stages"}
-    | {"demo", "controller", "status", "retry", "report", "report_html", "calibration"},
+    | {"demo", "controller", "status", "retry", "report", "report_html", "calibration"}
+    | {"export", "model_card"},
     "__main__": {"cli"},
 }
 STAGE_CONTRACT = {"mia_dpo.runtime.context", "mia_dpo.runtime.store", "mia_dpo.runtime.layout"}

@@ -3,7 +3,8 @@
 Per format a few pairs with their images (target outlined), the chosen and the
 rejected answer and the share of attention per picture; every stage's drop
 reasons; the attention calibration (AUC by layer, when the run calibrated); the
-training loss curve; the evaluation table. Images are embedded as
+training loss curve and a link to its TensorBoard logs (train.report_to tensorboard);
+the evaluation table. Images are embedded as
 small JPEG thumbnails, so the file travels on its own.
 """
 
@@ -152,6 +153,20 @@ def _calibration_html(store: Store, run_id: str) -> list[str]:
     return parts
 
 
+def _tensorboard_html(store: Store, run_id: str) -> list[str]:
+    """Where the run's TensorBoard event files are, and the command that shows them."""
+    prefix = layout.tensorboard_prefix(layout.train_prefix(run_id))
+    if next(iter(store.list(prefix)), None) is None:
+        return []
+    uri = store.uri(prefix.rstrip("/"))
+    href = uri if "://" in uri else Path(uri).resolve().as_uri()
+    return [
+        f'<p>TensorBoard logs: <a href="{html.escape(href)}">{html.escape(uri)}</a>; view them '
+        f"with <code>tensorboard --logdir {html.escape(uri)}</code> (an s3:// folder: copy it "
+        "locally first, e.g. <code>aws s3 cp --recursive</code>).</p>"
+    ]
+
+
 def write_report(
     store: Store, blobs: BlobReader, run_id: str, out: Path, per_format: int = 3
 ) -> Path:
@@ -173,6 +188,7 @@ def write_report(
         parts.append(_loss_svg(meta.get("log_history", [])))
         summary = {k: meta[k] for k in ("method", "steps", "train_loss") if k in meta}
         parts.append(f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>")
+        parts.extend(_tensorboard_html(store, run_id))
     except NotFound:
         parts.append("<p>(not trained yet)</p>")
     parts.append("<h2>Evaluation (held-out questions, exact match)</h2>")

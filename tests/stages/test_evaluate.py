@@ -334,3 +334,20 @@ def test_evidence_api_scores_a_bare_model_on_stored_items(env: Env, tiny_model_d
     # Same weights, same template, same padded images: the stage's base answers.
     stage = {p.item_id: p.prediction for p in env.predictions("noad")}
     assert {p.item_id: p.prediction for p in preds} == {it.id: stage[it.id] for it in items}
+
+
+def test_evaluate_puts_its_table_into_the_adapters_card(env: Env, adapter_dir: Path) -> None:
+    """The train stage's card says "not evaluated"; evaluate rewrites it with the table."""
+    env.plan("card")
+    upload_adapter(env, "card", adapter_dir)
+    train = layout.train_prefix("card")
+    meta = {"method": "dpo", "base_model": "m", "base_model_hub_id": None, "steps": 7}
+    env.store.put_json(layout.train_metadata_key(train), meta)
+    card_key = layout.adapter_prefix(train) + "README.md"
+    env.store.put_text(card_key, "stale")
+    env.evaluate("card")
+    card = env.store.get_text(card_key)
+    table = [x for x in env.store.get_text("runs/card/evaluate/report.md").splitlines() if x]
+    rows = [x for x in table if x.startswith("| ")]
+    assert len(rows) > 3 and all(r in card for r in rows)
+    assert "Not evaluated" not in card and "| steps | 7 |" in card

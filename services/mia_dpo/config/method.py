@@ -11,9 +11,11 @@ data and tasks live and how workers start; no output depends on them.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mia_dpo.config.base import Section
 
@@ -60,6 +62,10 @@ def _weights(field: str, value: dict[Any, float], allowed: tuple[Any, ...] | Non
     if any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
         raise ValueError(f"{field}: weights must be >= 0 with a positive sum")
 
+
+# owner/name as the hub spells repository ids (no leading or doubled separators).
+HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 SEQUENCE_COUNTS = (2, 3, 4, 5)
 GRID_COUNTS = (2, 3, 4, 6, 9)
@@ -136,6 +142,21 @@ class ModelConfig(Section):
         ),
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    hub_id: str | None = Field(
+        default=None,
+        description=(
+            "The Hugging Face hub id of the base model (owner/name), for the model card and "
+            "adapter_config.json; null: model.path when that looks like owner/name and is not "
+            "an existing local path, else unknown (the card says the base is a local model)."
+        ),
+    )
+    license: str | None = Field(
+        default=None,
+        description=(
+            "License id of the base model (hub spelling, e.g. llama2, apache-2.0) for the "
+            "adapter's card; null: other (the card says the base model's terms apply)."
+        ),
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Weights dtype; auto: bfloat16 on CUDA, float32 on CPU."
     )
@@ -168,6 +189,22 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped with the checkpoint (off: refuse)."
     )
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        if value is not None and not HUB_ID.fullmatch(value):
+            raise ValueError(f"not a hub id of the form owner/name: {value!r}")
+        return value
+
+    def base_model_id(self) -> str | None:
+        """The base model's hub id: hub_id, else a path that reads as owner/name and is
+        no folder here (a pod-local copy of the weights has no public name)."""
+        if self.hub_id:
+            return self.hub_id
+        if HUB_ID.fullmatch(self.path) and not Path(self.path).exists():
+            return self.path
+        return None
 
 
 class GenerateConfig(Section):
@@ -370,6 +407,32 @@ class TrainConfig(Section):
     merge_adapter: bool = Field(
         default=False, description="Also save the base model with the adapter merged in."
     )
+    report_to: list[str] = Field(
+        default=["none"],
+        description=(
+            "Experiment tracking, passed to TRL (TrainingArguments.report_to): none, "
+            "tensorboard (event files stored under runs/ID/train/tensorboard/), wandb or "
+            "mlflow (configured by their own environment variables); one name or a list."
+        ),
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"must be one of {list(REPORT_TO)} or a list of them")
+        bad = [n for n in names if n not in REPORT_TO]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a tracker (allowed: {list(REPORT_TO)})")
+        if "none" in names and len(names) > 1:
+            raise ValueError("'none' cannot be combined with a tracker")
+        return names or ["none"]
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers to report to ([] for none)."""
+        return [n for n in self.report_to if n != "none"]
 
 
 class EvaluateConfig(Section):

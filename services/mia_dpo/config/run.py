@@ -117,7 +117,8 @@ class RunConfig(Section):
     def stage_params(self) -> dict[str, Any]:
         """The part of the config that decides outputs: a resumed run must not change it."""
         # Batch sizes and the device are how, not what: a run resumed on other
-        # hardware may change them (greedy outputs do not depend on them).
+        # hardware may change them (greedy outputs do not depend on them). The hub id and
+        # license only label the adapter's card, and tracking only watches training.
         return self.model_dump(
             mode="json",
             include={
@@ -136,7 +137,8 @@ class RunConfig(Section):
                 "generate": {"batch_size"},
                 "score": {"batch_size"},
                 "calibrate": {"batch_size"},
-                "model": {"device"},
+                "model": {"device", "hub_id", "license"},
+                "train": {"report_to"},
                 "evaluate": {"batch_size"},
             },
         )

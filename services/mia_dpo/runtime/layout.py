@@ -113,6 +113,11 @@ def merged_prefix(prefix: str) -> str:
     return f"{prefix}merged/"
 
 
+def tensorboard_prefix(prefix: str) -> str:
+    """TensorBoard event files of the training run (train.report_to tensorboard)."""
+    return f"{prefix}tensorboard/"
+
+
 def train_metadata_key(prefix: str) -> str:
     return f"{prefix}metadata.json"
 

@@ -10,7 +10,8 @@ held-out multi-image questions (docs/method.md §6, on our own data).
 2. Models. The base model, and base + LoRA adapter when the train stage left one at
    `runs/{run}/train/adapter/`; both answer identical inputs, greedy.
 3. Score. Normalised exact match, per format, per image count, single image and all
-   multi-image items; report.json / report.md / predictions.jsonl.
+   multi-image items; report.json / report.md / predictions.jsonl; the adapter's model
+   card (train/adapter/README.md) is rewritten with the table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mia_dpo import model_card
 from mia_dpo.augmentation.sampler import augment_sample, source_images
 from mia_dpo.data.source import parse_sample
 from mia_dpo.errors import NotFound, SampleError, UserError
@@ -198,6 +200,10 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
     )
     store.put_json(layout.evaluate_key(run_id, "report.json"), report.model_dump(mode="json"))
     store.put_text(layout.evaluate_key(run_id, "report.md"), format_report(report))
+    train = layout.train_prefix(run_id)
+    if has_adapter and store.exists(layout.train_metadata_key(train)):
+        # The card the train stage wrote said "not evaluated": now the table exists.
+        model_card.write_card(store, run_id, train)
     drops.write(store, task)
     stats.kept = len(items)
     for it in items:

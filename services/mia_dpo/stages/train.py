@@ -23,9 +23,11 @@ Outside a run, on a local pairs file (images as local paths):
     mia-dpo train --pairs pairs.trl.jsonl --model DIR --out DIR [--config run.yaml]
 
 Reads runs/R/select/pairs.trl.jsonl and writes under runs/R/train/: adapter/ (LoRA
-weights + processor), merged/ (with train.merge_adapter), metadata.json (config,
-pair statistics, versions, loss history), checkpoints/ (see training.checkpoints)
-and shard-00000.jsonl (the loss history, one log entry per line). The local working
+weights + processor + README.md, the model card; adapter_config.json names the base
+by its hub id when known), merged/ (with train.merge_adapter), metadata.json (config,
+pair statistics, versions, loss history), checkpoints/ (see training.checkpoints),
+tensorboard/ (with train.report_to tensorboard) and shard-00000.jsonl (the loss
+history, one log entry per line). The local working
 folder is a temporary directory ($TMPDIR): the worker keeps no state.
 """
 
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mia_dpo import __version__
+from mia_dpo import __version__, model_card
 from mia_dpo.config import RunConfig
 from mia_dpo.data.images import ImageLoader
 from mia_dpo.errors import NotFound, UserError
@@ -67,7 +69,9 @@ def fingerprint(lines: list[str], cfg: RunConfig) -> str:
     h = hashlib.sha256()
     for line in lines:
         h.update(line.encode() + b"\n")
-    h.update(json.dumps([cfg.model.path, cfg.seed, cfg.train.model_dump(mode="json")]).encode())
+    # report_to watches training and changes nothing trained: a resume may switch it.
+    train = cfg.train.model_dump(mode="json", exclude={"report_to"})
+    h.update(json.dumps([cfg.model.path, cfg.seed, train]).encode())
     return h.hexdigest()[:32]
 
 
@@ -95,12 +99,15 @@ def train_pairs(
     stats: ShardStats,
     source: str,
     logger: logging.Logger = log,
+    run_id: str | None = None,
 ) -> TrainResult:
-    """Train on TRL pairs lines; write adapter/, merged/, metadata.json and checkpoints/
-    under `prefix` in `store` (rank 0 only). Shared by the stage and `train_standalone`."""
+    """Train on TRL pairs lines; write adapter/ (with its model card), merged/,
+    metadata.json, checkpoints/ and tensorboard/ under `prefix` in `store` (rank 0 only).
+    Shared by the stage and `train_standalone` (run_id None)."""
     tcfg = cfg.train
     if not lines:
         raise UserError(f"train: no pairs to train on; {source} is empty (did select keep any?)")
+    trainers.check_trackers(tcfg)
     lm = load_model(trainers.rank_model_config(cfg.model))
     loader = data.PairImages(
         ImageLoader(blobs, cfg.input.max_image_pixels),
@@ -123,18 +130,23 @@ def train_pairs(
             tcfg.max_length,
         )
     dataset = data.build_dataset(rows, tcfg.method, loader)
-    targets = trainers.lora_target_modules(lm.model)
+    targets = trainers.lora_targets(lm.model, logger)
     key = fingerprint(lines, cfg)
     is_main = trainers.rank() == 0
 
     with tempfile.TemporaryDirectory(prefix="mia-dpo-train-") as tmp:
         work = Path(tmp)
         resume = ckpt.download_latest(store, prefix, work / "out", key, logger)
-        args = trainers.training_args(tcfg, cfg.seed, work / "out", lm.device.type == "cpu")
+        run_name = f"mia-dpo-{run_id or 'train'}"
+        args = trainers.training_args(
+            tcfg, cfg.seed, work / "out", lm.device.type == "cpu", run_name
+        )
         callbacks = [ckpt.StoreCheckpoints(store, prefix, key, logger), trainers.LogToStage(logger)]
         trainer = trainers.make_trainer(
-            lm, dataset, args, trainers.lora_config(tcfg, targets), callbacks
+            lm, dataset, args, trainers.lora_config(tcfg, targets.target_modules), callbacks
         )
+        tensorboard = work / "tensorboard"
+        has_tensorboard = trainers.tensorboard_dir(trainer, tensorboard / run_name)
         _agree_on_resume(resume.step if resume else 0)
         if resume is not None:
             logger.info("train: resuming from checkpoint-%d", resume.step)
@@ -145,12 +157,19 @@ def train_pairs(
         metadata = {
             "method": tcfg.method,
             "base_model": cfg.model.path,
+            "base_model_hub_id": cfg.model.base_model_id(),
+            "license": cfg.model.license,
             "pairs_source": source,
             "stage_params": cfg.stage_params(),
             "pairs": data.pair_summary(rows)
             | {"read": stats.total, "dropped": dict(stats.dropped)},
             "versions": _versions(),
-            "lora_target_modules": targets,
+            "lora_target_modules": targets.matched,
+            "lora_target_pattern": (
+                targets.target_modules if isinstance(targets.target_modules, str) else None
+            ),
+            "lora_target_count": len(targets.matched),
+            "report_to": tcfg.trackers,
             "world_size": trainers.world_size(),
             "steps": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
@@ -160,10 +179,17 @@ def train_pairs(
             "train_loss": output.training_loss,
             "log_history": history,
             "fingerprint": key,
-            "outputs": {"adapter": layout.adapter_prefix(prefix), "merged": None},
+            "outputs": {
+                "adapter": layout.adapter_prefix(prefix),
+                "merged": None,
+                "tensorboard": layout.tensorboard_prefix(prefix) if has_tensorboard else None,
+            },
         }
         if is_main:
+            _share_ready(work / "adapter", store, run_id, prefix, metadata)
             ckpt.upload_dir(store, work / "adapter", layout.adapter_prefix(prefix))
+            if has_tensorboard and tensorboard.is_dir():
+                ckpt.upload_dir(store, tensorboard, layout.tensorboard_prefix(prefix))
             if tcfg.merge_adapter:
                 merged = trainer.model.merge_and_unload()
                 merged.save_pretrained(work / "merged")
@@ -184,6 +210,20 @@ def train_pairs(
         metadata["final_loss"],
     )
     return TrainResult(metadata=metadata, log_history=history, drops=drops)
+
+
+def _share_ready(
+    adapter: Path, store: Store, run_id: str | None, prefix: str, metadata: dict[str, Any]
+) -> None:
+    """The adapter folder as it is shared: our model card in place of PEFT's template,
+    and the base named by its hub id rather than the folder it was loaded from."""
+    card = model_card.render_card(model_card.read_records(store, run_id, prefix, metadata))
+    (adapter / model_card.CARD_NAME).write_text(card, encoding="utf-8")
+    config = adapter / "adapter_config.json"
+    text = config.read_text(encoding="utf-8")
+    config.write_text(
+        model_card.with_base_model(text, metadata["base_model_hub_id"]), encoding="utf-8"
+    )
 
 
 def _agree_on_resume(step: int) -> None:
@@ -209,7 +249,15 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
         raise UserError(f"train: no pairs to train on; {key} does not exist") from None
     prefix = layout.train_prefix(task.run_id)
     result = train_pairs(
-        lines, ctx.config, ctx.store, prefix, ctx.blobs, stats, ctx.store.uri(key), ctx.log
+        lines,
+        ctx.config,
+        ctx.store,
+        prefix,
+        ctx.blobs,
+        stats,
+        ctx.store.uri(key),
+        ctx.log,
+        run_id=task.run_id,
     )
     if trainers.rank() == 0:
         rows = [json.dumps(h, sort_keys=True) for h in result.log_history]

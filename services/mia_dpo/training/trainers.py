@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from mia_dpo.config import ModelConfig, TrainConfig
+from mia_dpo.errors import UserError
 from mia_dpo.models.attention import decoder_layers
 
 
@@ -62,7 +65,58 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return targets
 
 
-def lora_config(tcfg: TrainConfig, targets: list[str]) -> LoraConfig:
+def lora_target_pattern(model: nn.Module) -> str:
+    """The same modules as `lora_target_modules`, as a regex PEFT full-matches against
+    module names: the language model's component name, the decoder-layer list's name,
+    a layer index, then the linear layers' names within a layer.
+
+    Not full paths: transformers moves LLaVA's language model around between releases
+    (`language_model.model.layers.N` in 4.x, `model.language_model.layers.N` in 5.x), and
+    an adapter whose targets name one layout would not load onto the other. The vision
+    tower's layers (q_proj too) sit under no language-model component, so they stay out.
+    """
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    *path, container = prefix.split(".")
+    # "model" is the wrapper every layout has somewhere; the rest names the language model.
+    anchors = [part for part in path if part != "model"]
+    leaves = sorted(
+        {
+            name.split(".", 1)[1]
+            for name, module in layers.named_modules()
+            if "." in name and isinstance(module, nn.Linear)
+        }
+    )
+    if not leaves:
+        raise ValueError(f"{type(model).__name__}: no linear layers under {prefix}")
+    head = "".join(rf"(?:.*\.)?{re.escape(a)}\." for a in anchors)
+    body = "|".join(re.escape(leaf) for leaf in leaves)
+    return rf"{head}(?:.*\.)?{re.escape(container)}\.\d+\.(?:{body})"
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """What LoraConfig gets (the pattern, or the exact names when the pattern would match
+    other modules on this model) and the module names it matches here."""
+
+    target_modules: str | list[str]
+    matched: list[str]
+
+
+def lora_targets(model: nn.Module, log: logging.Logger | None = None) -> LoraTargets:
+    exact = lora_target_modules(model)
+    pattern = lora_target_pattern(model)
+    matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
+    if matched != exact:
+        # A layout where the pattern reaches past the decoder layers (a vision encoder
+        # under the same component name): exact names are right here, if less portable.
+        if log is not None:
+            log.warning("train: LoRA pattern %s matches other modules; using full names", pattern)
+        return LoraTargets(target_modules=exact, matched=exact)
+    return LoraTargets(target_modules=pattern, matched=matched)
+
+
+def lora_config(tcfg: TrainConfig, targets: str | list[str]) -> LoraConfig:
     return LoraConfig(
         r=tcfg.lora_r,
         lora_alpha=tcfg.lora_alpha,
@@ -72,11 +126,41 @@ def lora_config(tcfg: TrainConfig, targets: list[str]) -> LoraConfig:
     )
 
 
+def check_trackers(tcfg: TrainConfig) -> None:
+    """A tracker whose package is missing fails at setup with the fix, not mid-run in a
+    Trainer import error."""
+    import importlib.util
+
+    for name in tcfg.trackers:
+        package = "tensorboard" if name == "tensorboard" else name
+        if importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"train.report_to: {name} is not installed here; pip install {package} "
+                "(or set train.report_to: none)"
+            )
+
+
+def tensorboard_dir(trainer: Any, folder: Path) -> bool:
+    """Point the Trainer's TensorBoard callback at `folder` (transformers 5 dropped
+    TrainingArguments.logging_dir; without this the events land under output_dir/runs/
+    with a time-and-host name). False when the trainer reports to no TensorBoard."""
+    from transformers.integrations import TensorBoardCallback
+
+    found = False
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(folder)
+            found = True
+    return found
+
+
 def _switch(value: str) -> bool:
     return value == "on" or (value == "auto" and torch.cuda.is_available())
 
 
-def training_args(tcfg: TrainConfig, seed: int, output_dir: Path, on_cpu: bool) -> Any:
+def training_args(
+    tcfg: TrainConfig, seed: int, output_dir: Path, on_cpu: bool, run_name: str | None = None
+) -> Any:
     """DPOConfig (method dpo) or SFTConfig (method sft) from the run's train section."""
     from trl import DPOConfig, SFTConfig
 
@@ -107,7 +191,8 @@ def training_args(tcfg: TrainConfig, seed: int, output_dir: Path, on_cpu: bool) 
         # The local folder is scratch: the store keeps the checkpoints.
         "save_total_limit": 1,
         "logging_steps": tcfg.logging_steps,
-        "report_to": [],
+        "report_to": tcfg.trackers,
+        "run_name": run_name,
         "disable_tqdm": True,  # worker logs get one line per logging step instead
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
