@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from mia_dpo import __version__
-from mia_dpo.cli import pipeline, tools
+from mia_dpo.cli import export, pipeline, tools
 from mia_dpo.controller import RunFailed
 from mia_dpo.errors import TransientStoreError, UserError
 from mia_dpo.runtime.launchers import LaunchError
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     pipeline.add_parsers(sub)
     tools.add_parsers(sub)
+    export.add_parsers(sub)
     return p
 
 
