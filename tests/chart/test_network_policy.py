@@ -381,6 +381,26 @@ def test_extra_egress_and_dns(tmp_path: Path) -> None:
         assert key(hub) not in map(key, egress_of(r, all_pods[where])), where
 
 
+@pytest.mark.parametrize("cidrs", [[], ["18.160.0.0/15", "2600:9000::/28"]])
+def test_allow_hub_opens_443_to_the_model_stages_only(tmp_path: Path, cidrs: list[str]) -> None:
+    values = {"networkPolicy": {"allowHub": True, "hub": {"cidrs": cidrs}},
+              "config": {"score": {"layer": "auto"}}}  # fmt: skip
+    r = render(_values(tmp_path, values))
+    all_pods = pods(r, RELEASE)
+    assert "stage/calibrate" in all_pods
+    (rule,) = hub_rules(values_for(_values(tmp_path, values, "again.yaml")), "generate")
+    assert rule == ({"ports": tcp(443), "to": [{"ipBlock": {"cidr": c}} for c in cidrs]}
+                    if cidrs else {"ports": tcp(443)})  # fmt: skip
+    for where, labels in all_pods.items():
+        model = where.removeprefix("stage/") in MODEL_STAGES
+        assert (key(rule) in map(key, egress_of(r, labels))) == model, where
+    hub = r.get("NetworkPolicy", "mia-dpo-hub")
+    assert hub["spec"]["policyTypes"] == ["Egress"] and "ingress" not in hub["spec"]
+    # off by default: no pod reaches 443 but the controller (the API server)
+    assert values_for()["networkPolicy"]["allowHub"] is False
+    assert "mia-dpo-hub" not in {p["metadata"]["name"] for p in render().kind("NetworkPolicy")}
+
+
 def test_disabled_renders_none(rendered: dict[str, Rendered], tmp_path: Path) -> None:
     r = render(_values(tmp_path, {"networkPolicy": {"enabled": False}}))
     assert r.kind("NetworkPolicy") == []
@@ -399,6 +419,8 @@ def test_policies_validate_strict(rendered: dict[str, Rendered], tmp_path: Path)
     variants["extra"] = render(_values(tmp_path, {"networkPolicy": {
         "extraEgress": hub, "apiServer": {"cidrs": ["172.18.0.2/32", "fd00::1/128"]},
         "dns": {"to": [{"ipBlock": {"cidr": "169.254.20.10/32"}}]}}}, "extra.yaml"))  # fmt: skip
+    variants["hub"] = render(_values(tmp_path, {"networkPolicy": {
+        "allowHub": True, "hub": {"cidrs": ["18.160.0.0/15"]}}}, "hub.yaml"))  # fmt: skip
     files = []
     for name, r in variants.items():
         policies = r.kind("NetworkPolicy")
