@@ -3,11 +3,13 @@
 # images for the CPU, load them (and the bundled Redis and MinIO images) into the nodes,
 # and install the chart with charts/mia-dpo/ci/kind-values.yaml (the chart's kind CI
 # scenario, so the values we lint are the values we install). Rerunning it rebuilds the
-# images and reinstalls the release, which starts the run again (finished stages are skipped only
-# while the bundled MinIO keeps its data, i.e. not after a reinstall).
+# images and reinstalls the release. The bundled MinIO keeps its data on a PVC that
+# `helm uninstall` leaves (with its S3 Secret), so a reinstall resumes the run and skips
+# the stages already finished; --fresh deletes both first and the run starts over.
 #
 #   k8s/kind-up.sh                 # everything
 #   k8s/kind-up.sh --no-build      # reuse the images already built
+#   k8s/kind-up.sh --fresh         # also drop the kept MinIO data: a new run from scratch
 #   k8s/kind-up.sh --delete        # delete the cluster
 #
 # Environment: CLUSTER (mia-dpo), NAMESPACE (mia), RELEASE (mia-dpo), TAG (dev),
@@ -27,15 +29,17 @@ VALUES="${ROOT}/charts/mia-dpo/ci/kind-values.yaml"
 CHART="${ROOT}/charts/mia-dpo"
 
 BUILD=1
+FRESH=0
 for arg in "$@"; do
   case "${arg}" in
     --no-build) BUILD=0 ;;
+    --fresh) FRESH=1 ;;
     --delete)
       kind delete cluster --name "${CLUSTER}"
       exit 0
       ;;
     -h | --help)
-      sed -n '2,15p' "${BASH_SOURCE[0]}"
+      sed -n '2,17p' "${BASH_SOURCE[0]}"
       exit 0
       ;;
     *)
@@ -106,6 +110,11 @@ if "${HELM}" status "${RELEASE}" --namespace "${NAMESPACE}" --kube-context "${CO
   log "uninstalling the previous release ${RELEASE} (a Job's pods cannot be changed)"
   "${HELM}" uninstall "${RELEASE}" --namespace "${NAMESPACE}" --kube-context "${CONTEXT}" --wait
 fi
+if [[ "${FRESH}" == 1 ]]; then
+  log "deleting the kept MinIO data and its credentials (--fresh)"
+  kubectl --context "${CONTEXT}" -n "${NAMESPACE}" delete --ignore-not-found --wait \
+    "pvc/${FULLNAME}-minio" "secret/${FULLNAME}-s3"
+fi
 
 log "installing ${RELEASE} into namespace ${NAMESPACE}"
 "${HELM}" install "${RELEASE}" "${CHART}" \
@@ -119,10 +128,12 @@ log "checking Redis and S3 from inside the cluster"
 kubectl --context "${CONTEXT}" -n "${NAMESPACE}" get jobs,pods -l "app.kubernetes.io/instance=${RELEASE}"
 cat >&2 <<MSG
 
-Follow the run:
+Follow the run (its stage Jobs in order; the controller's log ends with \`mia-dpo status\`):
+  kubectl --context ${CONTEXT} -n ${NAMESPACE} get jobs -l mia-dpo.io/run-id=kind-demo --sort-by='.metadata.labels.mia-dpo\.io/stage-index'
   kubectl --context ${CONTEXT} -n ${NAMESPACE} get jobs -l app.kubernetes.io/instance=${RELEASE} -w
   kubectl --context ${CONTEXT} -n ${NAMESPACE} logs -f job/${FULLNAME}-controller
   kubectl --context ${CONTEXT} -n ${NAMESPACE} logs -l app.kubernetes.io/instance=${RELEASE},mia-dpo.io/stage=generate --prefix
+The MinIO data outlives \`helm uninstall\`: kubectl --context ${CONTEXT} -n ${NAMESPACE} delete pvc/${FULLNAME}-minio secret/${FULLNAME}-s3
 Delete everything:
   k8s/kind-up.sh --delete
 MSG

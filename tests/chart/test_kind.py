@@ -40,6 +40,14 @@ def test_kind_worker_fits_the_gpu_stages(rendered: dict[str, Rendered]) -> None:
         assert pod["containers"][0]["imagePullPolicy"] == "Never"
 
 
+def test_kind_minio_claim_uses_the_default_storage_class(rendered: dict[str, Rendered]) -> None:
+    """kind ships a default StorageClass ("standard"): the MinIO claim names none."""
+    (pvc,) = rendered["kind"].kind("PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "mia-dpo-minio"
+    assert "storageClassName" not in pvc["spec"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
 def test_kind_up_script_syntax() -> None:
     script = K8S / "kind-up.sh"
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
@@ -60,6 +68,9 @@ def test_kind_up_script_steps() -> None:
         "--wait",
         '"${HELM}" test',
         "get jobs -l app.kubernetes.io/instance=",
+        # MinIO's PVC and S3 Secret outlive `helm uninstall`: --fresh drops them
+        '"pvc/${FULLNAME}-minio" "secret/${FULLNAME}-s3"',
+        "--sort-by='.metadata.labels.mia-dpo\\.io/stage-index'",
     ):
         assert step in text, step
     assert 'VALUES="${ROOT}/charts/mia-dpo/ci/kind-values.yaml"' in text
