@@ -15,6 +15,7 @@ from mia_dpo.export.pairs import export_pairs
 from mia_dpo.records import Pair
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.store import BlobReader, LocalStore
+from tests.export.training import dpo_steps
 
 
 def _card(out: Path) -> tuple[dict, str]:
@@ -73,10 +74,22 @@ def test_the_card_and_the_hub_loader(
     (config,) = header["configs"]
     (files,) = config["data_files"]
     # What the hub does with the card: load the files its `configs` name.
-    hub = datasets.load_dataset("arrow", data_files=str(out / files["path"]), split="train")
+    hub = datasets.load_dataset(
+        "arrow", data_files=str(out / files["path"]), split="train", cache_dir=str(tmp_path / "c")
+    )
     assert hub.num_rows == m.pairs
     assert isinstance(hub[0]["images"][0], Image.Image)
     assert "run id: `exp`" in body
     for fmt, n in m.per_format.items():
         assert f"| {fmt} | {n} |" in body
     assert f"{m.sft_only} rows have a rejected answer equal" in body
+
+
+def test_dpo_trainer_takes_it_as_loaded(
+    run_store: tuple[LocalStore, RunConfig], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    import datasets
+
+    store, cfg = run_store
+    export_pairs(BlobReader(cfg.store), store, "exp", tmp_path / "hf", "hf")
+    dpo_steps(datasets.load_from_disk(str(tmp_path / "hf")), tiny_model_dir, tmp_path / "t", 1)

@@ -40,7 +40,8 @@ def test_folder_matches_llamafactorys_schema(
         ]
     # LLaMA-Factory reads a local file with datasets' json builder: one consistent schema.
     info = json.loads((out / "dataset_info.json").read_text())["mia_dpo_exp"]
-    ds = load_dataset("json", data_files=str(out / info["file_name"]), split="train")
+    data = str(out / info["file_name"])
+    ds = load_dataset("json", data_files=data, split="train", cache_dir=str(tmp_path / "c"))
     assert ds.num_rows == len(rows)
     assert set(info["columns"].values()) <= set(ds.column_names)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from mia_dpo.export.pairs import export_pairs
 from mia_dpo.runtime import layout
 from mia_dpo.runtime.store import BlobReader, LocalStore, S3Store, Store
 from tests.export.runs import build_run
+from tests.export.training import dpo_steps
 from tests.runtime.test_store import s3_config
 
 
@@ -72,15 +72,14 @@ def test_datasets_loads_it_and_dpo_trainer_trains_on_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from datasets import Image, List, load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import DPOConfig, DPOTrainer
 
     store, cfg = run_store
     out = tmp_path / "out"
     m = export_pairs(BlobReader(cfg.store), store, "exp", out, "trl")
     monkeypatch.chdir(out)  # the image paths are relative to the folder
-    ds = load_dataset("json", data_files="pairs.trl.jsonl", split="train")
+    ds = load_dataset(
+        "json", data_files="pairs.trl.jsonl", split="train", cache_dir=str(tmp_path / "c")
+    )
     assert ds.num_rows == m.pairs
     decoded = ds.cast_column("images", List(Image()))
     for row in decoded:
@@ -88,21 +87,4 @@ def test_datasets_loads_it_and_dpo_trainer_trains_on_it(
         assert all(img.size == (80, 64) and img.mode == "RGB" for img in row["images"])
 
     # The dataset exactly as load_dataset returned it: the processor opens the paths.
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    args = DPOConfig(
-        output_dir=str(tmp_path / "trained"), max_steps=2, per_device_train_batch_size=2,
-        learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[], bf16=False,
-        gradient_checkpointing=False, max_length=None,
-    )  # fmt: skip
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*_proj")
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=ds, processing_class=processor, peft_config=lora
-    )
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert trainer.state.global_step == 2 and len(losses) == 2
-    assert all(math.isfinite(x) and x > 0 for x in losses)
-    # LoRA's B matrices start at zero: any non-zero entry is a step taken on our rows.
-    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
-    assert lora_b and any(float(p.detach().abs().max()) > 0 for p in lora_b)
+    dpo_steps(ds, tiny_model_dir, tmp_path / "trained")
