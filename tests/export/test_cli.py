@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +179,47 @@ def test_adapter_calls_export_adapter_and_pushes_a_model_repo(
     assert calls == [("exp", run_store[0].root, out, True)]
     assert stdout.strip() == f"adapter of run exp -> {out}"
     one_error((code, "", err), "--repo-type model")
+
+
+BLOCKED = ("torch", "transformers", "peft", "trl", "datasets", "huggingface_hub")
+
+
+def test_pairs_export_runs_without_torch_and_names_what_hf_needs(
+    run_store: tuple[LocalStore, RunConfig], tmp_path: Path
+) -> None:
+    """The light install: none of the model packages importable (blocked at import)."""
+    store, _ = run_store
+    config = tmp_path / "run.yaml"
+    config.write_text(f"store:\n  backend: local\n  root: {store.root}\n")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {BLOCKED!r}:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mia_dpo.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        f"assert not [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
+        "raise SystemExit(code)\n"
+    )
+
+    def export(*args: str) -> subprocess.CompletedProcess:
+        argv = ["export", *args, "--run-id", "exp", "--config", str(config)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIA_DPO_")}
+        return subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+
+    for fmt in ("trl", "llamafactory"):
+        proc = export("--format", fmt, "--out", str(tmp_path / fmt))
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / fmt / MANIFEST).is_file()
+    for args, needle in (
+        (["--format", "hf"], "export --format hf needs the datasets package"),
+        (["--format", "trl", "--push-to-hub", "me/p"], "--push-to-hub needs the huggingface_hub"),
+    ):
+        proc = export(*args, "--out", str(tmp_path / "o"))
+        one_error((proc.returncode, proc.stdout, proc.stderr), needle)
+        assert not (tmp_path / "o").exists()

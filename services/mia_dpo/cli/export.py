@@ -30,6 +30,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mia_dpo.export.common import need_package
     from mia_dpo.export.hub import check_repo, push_folder
     from mia_dpo.runtime.store import BlobReader, open_store
 
@@ -38,8 +39,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from mia_dpo.export.pairs import check_format
 
         check_format(args.format)
+        if args.format == "hf":
+            need_package("datasets", "export --format hf")
     if args.push_to_hub:
         check_repo(args.push_to_hub)
+        need_package("huggingface_hub", "--push-to-hub")
     cfg = load_config(args.config)
     run_id = run_id_arg(args, cfg)
     store = open_store(cfg.store)

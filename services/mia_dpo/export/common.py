@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import shutil
 import tempfile
@@ -32,6 +33,18 @@ from mia_dpo.runtime.store import Store
 MANIFEST = "export.json"
 IMAGES_DIR = "images"
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}  # else lower
+
+
+def need_package(module: str, what: str) -> None:
+    """The pairs export runs on the light install (no torch); `datasets` (hf) and
+    `huggingface_hub` (push) come with the `model` extra or on their own. Checked before
+    any work, so a missing one never costs an export."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        found = False
+    if not found:
+        raise UserError(f"{what} needs the {module} package: pip install {module}")
 
 
 class ExportManifest(BaseModel):
