@@ -152,6 +152,15 @@ def test_chart_labels_cannot_be_overridden(tmp_path: Path) -> None:
     )
 
 
+def test_a_numeric_run_id_stays_a_string_label(tmp_path: Path) -> None:
+    r = render(_values(tmp_path, {"run": {"id": "2024"}}))
+    labelled = [r.controller, r.controller["spec"]["template"], r.configmap]
+    labelled += [part for j in r.jobs.values() for part in (j, j["spec"]["template"])]
+    for obj in labelled:
+        assert obj["metadata"]["labels"]["mia-dpo.io/run-id"] == "2024"
+    _validate(tmp_path, r)
+
+
 # ------------------------------------------------------------------ pull secrets
 
 
