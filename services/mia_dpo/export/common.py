@@ -138,7 +138,9 @@ def _extension(pair_id: str, uri: str, data: bytes) -> str:
     return _EXTENSIONS.get(fmt, fmt.lower() or "img")
 
 
-def manifest_for(run_id: str, fmt: str, pairs: list[Pair], images: int, files: list[str]):
+def manifest_for(
+    run_id: str, fmt: str, pairs: list[Pair], images: int, files: list[str]
+) -> ExportManifest:
     counts = Counter(p.format for p in pairs)
     return ExportManifest(
         run_id=run_id, format=fmt, pairs=len(pairs), sft_only=sum(p.sft_only for p in pairs),

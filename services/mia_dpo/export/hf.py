@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mia_dpo.export.common import IMAGES_DIR, ImageCopier
-from mia_dpo.export.trl import METADATA, trl_record
+from mia_dpo.export.trl import trl_record
 from mia_dpo.records import Pair
 
 # save_to_disk's own names; the dataset card's `configs` point the hub's loader at them.
@@ -61,11 +61,7 @@ def _rows(rows: list[dict[str, Any]], folder: str) -> Iterator[dict[str, Any]]:
 def write(pairs: list[Pair], copier: ImageCopier, folder: Path) -> list[str]:
     import datasets
 
-    rows = []
-    for p in pairs:
-        row = trl_record(p, copier.copy_all(p))
-        assert set(METADATA) <= set(row)
-        rows.append({**row, "sft_only": p.sft_only})
+    rows = [{**trl_record(p, copier.copy_all(p)), "sft_only": p.sft_only} for p in pairs]
     # The generator's Arrow cache goes to a scratch folder, not the user's HF cache;
     # a fresh fingerprint spares datasets hashing every row to name that cache.
     # No progress bars: the CLI's output is its summary line (and, on a failed push,
