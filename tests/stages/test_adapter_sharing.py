@@ -33,6 +33,7 @@ from mia_dpo.report_html import write_report
 from mia_dpo.runtime.store import BlobReader, LocalStore
 from mia_dpo.stages.train import run_shard
 from mia_dpo.training import trainers
+from tests.families.factory import FAMILIES
 from tests.stages.test_train import PROMPT, SMALL, TRAIN, make_ctx, pair_lines
 
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
@@ -298,3 +299,20 @@ def test_export_refuses_an_untrained_run_and_a_full_folder(
     empty.mkdir()
     assert (export_adapter(cfg, "r1", store, empty, merged=False) / "README.md").is_file()
     assert LocalStore(tmp_path).exists("empty/adapter_config.json")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_targets_its_language_model_only(family: str, tmp_path: Path) -> None:
+    """Mllama's text layers interleave cross-attention layers (no self_attn): the layer
+    lookup must still find them, not the vision encoder's (the pipeline refuses Mllama
+    today, but the targets must not depend on that)."""
+    model = AutoModelForImageTextToText.from_pretrained(FAMILIES[family](tmp_path / family))
+    targets = trainers.lora_targets(model)
+    assert isinstance(targets.target_modules, str) and targets.matched
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(targets.matched) <= linear
+    text = model.get_decoder()
+    text_prefix = next(n for n, m in model.named_modules() if m is text)
+    assert all(n.startswith(text_prefix + ".layers.") for n in targets.matched)
+    in_text = {n for n in linear if n.startswith(text_prefix + ".layers.")}
+    assert set(targets.matched) == in_text  # every linear layer of the decoder layers

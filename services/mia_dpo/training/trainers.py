@@ -11,6 +11,7 @@ no `rpo_alpha`). The SFT baseline trains TRL's SFTTrainer on prompt -> chosen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -47,14 +48,26 @@ def rank_model_config(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
+def _language_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The language model's decoder-layer list and its name. The model's own
+    get_decoder() first: `decoder_layers` looks for layers that all have self_attn, which
+    Mllama's text layers (cross-attention ones interleaved) lack, so it falls through
+    to the vision encoder's layers there."""
+    layers: Any = None
+    with contextlib.suppress(AttributeError, NotImplementedError, ValueError):
+        layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers), layers
+
+
 def lora_target_modules(model: nn.Module) -> list[str]:
     """Full names of every nn.Linear inside the language model's decoder layers.
 
     Exact names, not suffixes like "q_proj": a CLIP vision tower has q_proj too, and
     the projector and lm_head are linear layers outside the decoder layers.
     """
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
+    prefix, _ = _language_layers(model)
     targets = [
         name
         for name, module in model.named_modules()
@@ -75,8 +88,7 @@ def lora_target_pattern(model: nn.Module) -> str:
     an adapter whose targets name one layout would not load onto the other. The vision
     tower's layers (q_proj too) sit under no language-model component, so they stay out.
     """
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
+    prefix, layers = _language_layers(model)
     *path, container = prefix.split(".")
     # "model" is the wrapper every layout has somewhere; the rest names the language model.
     anchors = [part for part in path if part != "model"]
