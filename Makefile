@@ -16,7 +16,7 @@ VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 # sudo only when not root and sudo exists
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: .venv venv .venv-vision deps-servers test test-vision lint demo bench chart-schema constraints clean distclean
+.PHONY: .venv venv .venv-vision deps-servers test test-vision lint demo bench chart-schema chart-readme constraints clean distclean
 
 .venv venv: $(VENV)/.installed
 
@@ -74,6 +74,11 @@ demo: $(VENV)/.installed
 # (tests/chart fails with this command when it is stale).
 chart-schema: $(VENV)/.installed
 	$(PY) charts/mia-dpo/hack/gen_schema.py
+
+# charts/mia-dpo/README.md is generated from values.yaml's `# --` comments and
+# hack/README.md.tpl: regenerate after changing either (tests/chart fails when stale).
+chart-readme: $(VENV)/.installed
+	$(PY) charts/mia-dpo/hack/gen_readme.py
 
 # Re-pin constraints.txt to this venv (after an upgrade that passed the tests).
 constraints: $(VENV)/.installed

@@ -1,7 +1,8 @@
 """Run configuration: one YAML file, pydantic models, environment overrides.
 
-- `method`: the sections that decide a run's outputs (input, augment, model,
-  generate, score, select, train, evaluate), with the paper's constants as defaults;
+- `method` and `model`: the sections that decide a run's outputs (input, augment,
+  score, calibrate, select; model, generate, train, evaluate), with the paper's
+  constants as defaults;
 - `connections`: store, queue and launcher, and the environment variables that set
   them and carry the credentials;
 - `run`: `RunConfig`, which holds them all, and `load_config`.
@@ -23,12 +24,14 @@ from mia_dpo.config.method import (
     SEQUENCE_COUNTS,
     AugmentConfig,
     CalibrateConfig,
-    EvaluateConfig,
-    GenerateConfig,
     InputConfig,
-    ModelConfig,
     ScoreConfig,
     SelectConfig,
+)
+from mia_dpo.config.model import (
+    EvaluateConfig,
+    GenerateConfig,
+    ModelConfig,
     TrainConfig,
 )
 from mia_dpo.config.run import RunConfig, format_validation_error, load_config

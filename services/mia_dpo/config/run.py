@@ -26,12 +26,14 @@ from mia_dpo.config.connections import (
 from mia_dpo.config.method import (
     AugmentConfig,
     CalibrateConfig,
-    EvaluateConfig,
-    GenerateConfig,
     InputConfig,
-    ModelConfig,
     ScoreConfig,
     SelectConfig,
+)
+from mia_dpo.config.model import (
+    EvaluateConfig,
+    GenerateConfig,
+    ModelConfig,
     TrainConfig,
 )
 from mia_dpo.errors import UserError
