@@ -143,11 +143,10 @@ def check_trackers(tcfg: TrainConfig) -> None:
     Trainer import error."""
     import importlib.util
 
-    for name in tcfg.trackers:
-        package = "tensorboard" if name == "tensorboard" else name
-        if importlib.util.find_spec(package) is None:
+    for name in tcfg.trackers:  # each tracker's package has the tracker's name
+        if importlib.util.find_spec(name) is None:
             raise UserError(
-                f"train.report_to: {name} is not installed here; pip install {package} "
+                f"train.report_to: {name} is not installed here; pip install {name} "
                 "(or set train.report_to: none)"
             )
 
