@@ -141,7 +141,7 @@ def add_parsers(sub: Any) -> None:
         type=int,
         default=None,
         help="optimizer steps to stop at; the lr schedule keeps its length "
-        "(default: the measured recipe's 4000 of 7000)",
+        "(default: the recipe's 2000)",
     )
     b.set_defaults(fn=cmd_base_model)
 
