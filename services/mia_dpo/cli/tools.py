@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from mia_dpo.cli.common import add_run_id, open_run
 from mia_dpo.config import load_config
+from mia_dpo.config.run import format_validation_error
 from mia_dpo.errors import UserError
 from mia_dpo.extras import require
 
@@ -34,8 +37,17 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_base_model(args: argparse.Namespace) -> int:
     require("model", "base-model")
     from mia_dpo.demo.base_model import REPORT_NAME, ensure_base_model, format_report, read_report
+    from mia_dpo.demo.base_recipe import BaseParams
 
     params = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+    if args.attention_supervision is not None:
+        params["attention_supervision"] = args.attention_supervision
+    if args.supervised_layer is not None:
+        params["supervised_layer"] = args.supervised_layer
+    try:
+        BaseParams(**params)
+    except ValidationError as e:  # one line naming the option, before any training
+        raise UserError(format_validation_error(e, "base-model")) from None
     path = ensure_base_model(Path(args.out), **params)
     report = read_report(path)
     if report is None:  # ensure_base_model has just written it: only a race gets here
@@ -142,6 +154,20 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="optimizer steps to stop at; the lr schedule keeps its length "
         "(default: the recipe's 2000)",
+    )
+    b.add_argument(
+        "--attention-supervision",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="weight of the auxiliary loss that puts the answer's attention on the target "
+        "image at --supervised-layer (default 0: off)",
+    )
+    b.add_argument(
+        "--supervised-layer",
+        type=int,
+        default=None,
+        help="decoder layer the auxiliary loss acts on (default 2, the score stage's default)",
     )
     b.set_defaults(fn=cmd_base_model)
 

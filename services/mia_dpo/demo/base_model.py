@@ -52,6 +52,7 @@ from mia_dpo.demo.base_recipe import (
     step_task,
     target_position,
 )
+from mia_dpo.demo.supervision import target_share_loss
 from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.attention import capture_layers_attention
@@ -277,7 +278,9 @@ def train_base_model(
         )
         eval_records = read_records(eval_json)
         processor = AutoProcessor.from_pretrained(init)
-        model = LlavaForConditionalGeneration.from_pretrained(init, attn_implementation="sdpa")
+        # Supervising attention needs the weights themselves, which only eager returns.
+        kernel = "eager" if p.attention_supervision else "sdpa"
+        model = LlavaForConditionalGeneration.from_pretrained(init, attn_implementation=kernel)
         pixels = [_pixels(processor, r[0]) for r in records]  # each image preprocessed once
         by_source = group_by_source(records)
 
@@ -303,7 +306,20 @@ def train_base_model(
             ]
             encoded = [encode(prompt, answer) for prompt, answer, _ in batch]
             inputs = collate(encoded, [pixels[i] for _, _, idx in batch for i in idx], pad_id)
-            loss = model(**inputs).loss
+            supervise = bool(p.attention_supervision) and n > 1 and not index_task
+            out = model(**inputs, output_attentions=supervise)
+            loss = out.loss
+            if supervise:
+                targets = [target_position(prompt) for prompt, _, _ in batch]
+                aux = target_share_loss(
+                    out.attentions[p.supervised_layer],
+                    inputs["input_ids"],
+                    inputs["labels"],
+                    model.config.image_token_id,
+                    n,
+                    targets,
+                )
+                loss = loss + p.attention_supervision * aux
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
