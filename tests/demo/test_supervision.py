@@ -49,8 +49,8 @@ def test_loss_is_minus_log_of_the_score_stages_target_share() -> None:
 
 def test_supervision_is_opt_in_and_names_a_real_layer() -> None:
     assert BaseParams().attention_supervision == 0.0  # the demo's recipe is unchanged
-    with pytest.raises(ValueError, match="supervised_layer 4"):
-        BaseParams(supervised_layer=4, attention_supervision=1.0)
+    with pytest.raises(ValueError, match=r"supervised_layers \[4\]"):
+        BaseParams(supervised_layers=(1, 4), attention_supervision=1.0)
 
 
 def test_one_step_on_the_loss_moves_attention_to_the_target(
@@ -97,10 +97,10 @@ def test_cli_refuses_a_layer_the_model_lacks_in_one_line(
 ) -> None:
     out = tmp_path / "base"
     argv = ["base-model", "--out", str(out), "--attention-supervision", "1"]
-    assert main([*argv, "--supervised-layer", "7"]) == 2
+    assert main([*argv, "--supervised-layer", "1", "--supervised-layer", "7"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "mia-dpo: error: base-model: (top level): supervised_layer 7 is not a layer of the "
+        "mia-dpo: error: base-model: (top level): supervised_layers [7] are not layers of the "
         "4 decoder layers"
     )
     assert main([*argv[:3], "--attention-supervision", "-1"]) == 2

@@ -42,8 +42,8 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     params = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
     if args.attention_supervision is not None:
         params["attention_supervision"] = args.attention_supervision
-    if args.supervised_layer is not None:
-        params["supervised_layer"] = args.supervised_layer
+    if args.supervised_layer:
+        params["supervised_layers"] = tuple(args.supervised_layer)
     try:
         BaseParams(**params)
     except ValidationError as e:  # one line naming the option, before any training
@@ -166,8 +166,10 @@ def add_parsers(sub: Any) -> None:
     b.add_argument(
         "--supervised-layer",
         type=int,
-        default=None,
-        help="decoder layer the auxiliary loss acts on (default 2, the score stage's default)",
+        action="append",
+        metavar="LAYER",
+        help="decoder layer the auxiliary loss acts on; repeat for several, averaged "
+        "(default 2, the score stage's default)",
     )
     b.set_defaults(fn=cmd_base_model)
 

@@ -294,6 +294,7 @@ def train_base_model(
         pad_id = processor.tokenizer.pad_token_id
         losses: list[tuple[int, float]] = []
         window: list[float] = []
+        shares: list[float] = []  # exp(-aux): the target's share on supervised steps
         t_train = time.perf_counter()
         for step in range(1, p.steps + 1):
             n, index_task = step_task(rng, step, p)
@@ -311,15 +312,19 @@ def train_base_model(
             loss = out.loss
             if supervise:
                 targets = [target_position(prompt) for prompt, _, _ in batch]
-                aux = target_share_loss(
-                    out.attentions[p.supervised_layer],
-                    inputs["input_ids"],
-                    inputs["labels"],
-                    model.config.image_token_id,
-                    n,
-                    targets,
-                )
+                aux = sum(
+                    target_share_loss(
+                        out.attentions[layer],
+                        inputs["input_ids"],
+                        inputs["labels"],
+                        model.config.image_token_id,
+                        n,
+                        targets,
+                    )
+                    for layer in p.supervised_layers
+                ) / len(p.supervised_layers)
                 loss = loss + p.attention_supervision * aux
+                shares.append(float(torch.exp(-aux)))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -332,6 +337,9 @@ def train_base_model(
                 window = []
                 lr_now, secs = sched.get_last_lr()[0], time.perf_counter() - t_train
                 msg = f"step {step}/{p.steps} loss {window_loss:.4f} lr {lr_now:.2e} {secs:.0f}s"
+                if shares:
+                    msg += f" target share {sum(shares) / len(shares):.3f}"
+                    shares = []
                 _say(progress, msg)
         train_seconds = time.perf_counter() - t_train
 

@@ -115,16 +115,17 @@ class BaseParams(BaseModel):
         default=0.0,
         ge=0,
         description="Weight of an auxiliary loss on sequence-question steps: -log of the "
-        "target image's share of the answer rows' image attention at supervised_layer (the "
+        "target image's share of the answer rows' image attention at supervised_layers (the "
         "quantity the score stage reads). 0: off, the plain recipe. On, it makes the base "
         "model confused the way the paper assumes of LLaVA: an answer follows the image "
         "attended, so a wrong answer shows as attention on the wrong image.",
     )
-    supervised_layer: int = Field(
-        default=2,
-        ge=0,
-        description="Decoder layer (0-based) the auxiliary loss acts on; 2 is text_layers // 2, "
-        "the layer the score stage reads by default (the paper's middle layer).",
+    supervised_layers: tuple[int, ...] = Field(
+        default=(2,),
+        min_length=1,
+        description="Decoder layers (0-based) the auxiliary loss acts on, averaged; 2 is "
+        "text_layers // 2, the layer the score stage reads by default (the paper's middle "
+        "layer).",
     )
     eval_per_cell: int = Field(default=200, ge=1, description="Evaluation questions per cell.")
     eval_images: int = Field(
@@ -138,10 +139,11 @@ class BaseParams(BaseModel):
     def _shares_fit(self) -> BaseParams:
         if self.index_fraction + self.multi_fraction > 1:
             raise ValueError("index_fraction + multi_fraction must be <= 1")
-        if self.supervised_layer >= self.text_layers:
+        outside = [x for x in self.supervised_layers if not 0 <= x < self.text_layers]
+        if outside:
             raise ValueError(
-                f"supervised_layer {self.supervised_layer} is not a layer of the "
-                f"{self.text_layers} decoder layers"
+                f"supervised_layers {outside} are not layers of the {self.text_layers} "
+                "decoder layers"
             )
         if self.image_px % self.patch_size:
             raise ValueError(f"image_px {self.image_px} is not a multiple of {self.patch_size}")
