@@ -37,7 +37,7 @@ from mia_dpo.answers import same_answer
 from mia_dpo.config import load_config
 from mia_dpo.controller import Controller
 from mia_dpo.data.images import ImageLoader
-from mia_dpo.demo.base_model import ensure_base_model
+from mia_dpo.demo.base_model import ensure_base_model, read_report
 from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.evaluation import EvalItem, evaluate_models, load_adapter_model
 from mia_dpo.models.loading import load_model
@@ -214,7 +214,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2400, help="synthetic training source samples")
     ap.add_argument("--eval-n", type=int, default=1400, help="evaluation source samples")
     ap.add_argument("--per-cell", type=int, default=600, help="items per main cell, at most")
-    ap.add_argument("--base", default=".demo/base", help="cached base model folder")
+    ap.add_argument(
+        "--base",
+        default=".demo/base",
+        help="base model folder (mia-dpo base-model --out): used with the parameters it was "
+        "trained with; trained with the recipe's defaults when missing",
+    )
     ap.add_argument(
         "--out", default=None, help="results path stem (default bench/results/evidence)"
     )
@@ -226,7 +231,10 @@ def main() -> None:
         args.out or ("bench/results/evidence-quick" if args.quick else "bench/results/evidence")
     )
     t_start = time.perf_counter()
-    base = ensure_base_model(Path(args.base))
+    # A folder trained with other parameters (mia-dpo base-model --attention-supervision
+    # ...) is studied as it is; only a missing or older-recipe folder trains the default.
+    cached = read_report(args.base)
+    base = ensure_base_model(Path(args.base), **(cached.params.model_dump() if cached else {}))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mia-evidence-"))
     cfg, items = build_benchmark(work, base, args.eval_n, args.per_cell)
     base_right = correctness(cfg, items, load_model(cfg.model))
@@ -251,6 +259,9 @@ def main() -> None:
     results = summarise(items, base_right, right)
     results.update(
         seeds=args.seeds, n_train_source=args.n, eval_seed=EVAL_SEED, runs=runs,
+        base_model=read_report(base).model_dump(  # type: ignore[union-attr]
+            include={"params", "accuracy", "attention_auc"}
+        ),
         minutes=(time.perf_counter() - t_start) / 60,
     )  # fmt: skip
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -108,3 +108,35 @@ def test_cli_refuses_a_layer_the_model_lacks_in_one_line(
         capsys.readouterr().err
     )
     assert not out.exists()  # refused before any training
+
+
+def test_cli_sets_other_recipe_fields_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mia_dpo.demo import base_model
+
+    seen: list[dict] = []
+
+    def fake_ensure(out: Path, **params: object) -> Path:
+        seen.append(params)
+        return out
+
+    monkeypatch.setattr(base_model, "ensure_base_model", fake_ensure)
+    monkeypatch.setattr(base_model, "read_report", lambda out: None)  # stops after the call
+    argv = ["base-model", "--out", str(tmp_path), "--attention-supervision", "5"]
+    main([*argv, "--supervised-layer", "1", "--set", "lr=0.001", "--set", "schedule_steps=4000"])
+    assert seen == [
+        {
+            "lr": 0.001,
+            "schedule_steps": 4000,
+            "seed": 0,
+            "attention_supervision": 5.0,
+            "supervised_layers": (1,),
+        }
+    ]
+    capsys.readouterr()
+    assert main([*argv, "--set", "lr"]) == 2
+    assert capsys.readouterr().err.strip() == "mia-dpo: error: --set lr: expected FIELD=VALUE"
+    assert main([*argv, "--set", "lrr=0.1"]) == 2
+    assert capsys.readouterr().err.strip() == "mia-dpo: error: base-model: lrr: unknown key"
+    assert len(seen) == 1  # refused before any training

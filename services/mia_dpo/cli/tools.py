@@ -39,13 +39,20 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     from mia_dpo.demo.base_model import REPORT_NAME, ensure_base_model, format_report, read_report
     from mia_dpo.demo.base_recipe import BaseParams
 
-    params = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+    params: dict[str, Any] = {}
+    for item in args.set or []:  # recipe fields beyond the named options, e.g. lr=0.001
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item}: expected FIELD=VALUE")
+        params[key] = value
+    params |= {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
     if args.attention_supervision is not None:
         params["attention_supervision"] = args.attention_supervision
     if args.supervised_layer:
         params["supervised_layers"] = tuple(args.supervised_layer)
-    try:
-        BaseParams(**params)
+    try:  # pydantic turns "0.001" into a float, or names the field it cannot
+        checked = BaseParams(**params)
+        params = {key: getattr(checked, key) for key in params}  # only the fields given
     except ValidationError as e:  # one line naming the option, before any training
         raise UserError(format_validation_error(e, "base-model")) from None
     path = ensure_base_model(Path(args.out), **params)
@@ -170,6 +177,13 @@ def add_parsers(sub: Any) -> None:
         metavar="LAYER",
         help="decoder layer the auxiliary loss acts on; repeat for several, averaged "
         "(default 2, the score stage's default)",
+    )
+    b.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="any other recipe field (BaseParams), repeatable: --set lr=0.001 "
+        "--set schedule_steps=4000",
     )
     b.set_defaults(fn=cmd_base_model)
 
