@@ -21,7 +21,7 @@ from mia_dpo.demo.base_recipe import (
     sample_example,
     target_position,
 )
-from mia_dpo.demo.supervision import target_share_loss
+from mia_dpo.demo.supervision import layers_share_loss, target_share_loss
 from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.models.ratios import sequence_ratio
 
@@ -45,6 +45,12 @@ def test_loss_is_minus_log_of_the_score_stages_target_share() -> None:
     weights = attn[0].mean(0)[7:9].mean(0)[[1, 2, 4, 5]].numpy()
     assert sequence_ratio(weights, [(0, 2), (2, 4)], 1) == pytest.approx(0.8)
     assert target_share_loss(attn, ids, labels, IMG, 2, [2]).item() == pytest.approx(-math.log(0.2))
+    # several layers: the mean of each layer's loss (here layer 1 is uniform: share 0.5)
+    uniform = torch.full_like(attn, 0.1)
+    inputs = {"input_ids": ids, "labels": labels}
+    p = BaseParams(attention_supervision=1.0, supervised_layers=(0, 1))
+    both = layers_share_loss([attn, uniform], inputs, IMG, 2, [1], p)
+    assert both.item() == pytest.approx((-math.log(0.8) - math.log(0.5)) / 2)
 
 
 def test_supervision_is_opt_in_and_names_a_real_layer() -> None:

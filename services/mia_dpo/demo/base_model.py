@@ -52,7 +52,7 @@ from mia_dpo.demo.base_recipe import (
     step_task,
     target_position,
 )
-from mia_dpo.demo.supervision import target_share_loss
+from mia_dpo.demo.supervision import layers_share_loss
 from mia_dpo.demo.synthetic import write_synthetic
 from mia_dpo.demo.tiny import build_tiny_model
 from mia_dpo.models.attention import capture_layers_attention
@@ -312,17 +312,8 @@ def train_base_model(
             loss = out.loss
             if supervise:
                 targets = [target_position(prompt) for prompt, _, _ in batch]
-                aux = sum(
-                    target_share_loss(
-                        out.attentions[layer],
-                        inputs["input_ids"],
-                        inputs["labels"],
-                        model.config.image_token_id,
-                        n,
-                        targets,
-                    )
-                    for layer in p.supervised_layers
-                ) / len(p.supervised_layers)
+                image_id = model.config.image_token_id
+                aux = layers_share_loss(out.attentions, inputs, image_id, n, targets, p)
                 loss = loss + p.attention_supervision * aux
                 shares.append(float(torch.exp(-aux)))
             loss.backward()

@@ -20,7 +20,11 @@ two-image accuracy and an AUC >= 0.75; no recipe tried reached both:
   3500, 0.74 at 4000, 0.96 at 5000), so another seed may land elsewhere;
 - r2 with patch 16: 0.62 single, 0.37 two-image, AUC 0.51;
 - the previous recipe on these images (no curriculum, no index task, patch 8, 1500
-  steps): 0.995 single, 0.425 two-image, AUC 0.595.
+  steps): 0.995 single, 0.425 two-image, AUC 0.595;
+- attention supervision (attention_supervision, opt-in; docs/evidence.md, runs A-H):
+  weight 5 at layer 1, lr 1e-3, 4000 steps: AUC 0.890 at layer 1 but 0.345 two-image
+  accuracy; at layer 2: 0.785 two-image accuracy, AUC 0.52 (routing perfect for right
+  and wrong answers alike).
 """
 
 from __future__ import annotations

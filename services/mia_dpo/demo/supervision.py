@@ -10,7 +10,11 @@ answer is read through that layer and where it looks tells which image was read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
+
+from mia_dpo.demo.base_recipe import BaseParams
 
 
 def target_share_loss(
@@ -33,4 +37,27 @@ def target_share_loss(
         per_image = weights[columns].view(n_images, -1).mean(1)  # images' tokens lie in order
         share = per_image[k - 1] / per_image.sum().clamp_min(1e-12)
         terms.append(-torch.log(share.clamp_min(1e-6)))
+    return torch.stack(terms).mean()
+
+
+def layers_share_loss(
+    attentions: Sequence[torch.Tensor],  # per decoder layer (B, H, T, T)
+    inputs: Mapping[str, torch.Tensor],  # the batch: input_ids, labels
+    image_token_id: int,
+    n_images: int,
+    targets: list[int],
+    p: BaseParams,
+) -> torch.Tensor:
+    """target_share_loss averaged over p.supervised_layers."""
+    terms = [
+        target_share_loss(
+            attentions[layer],
+            inputs["input_ids"],
+            inputs["labels"],
+            image_token_id,
+            n_images,
+            targets,
+        )
+        for layer in p.supervised_layers
+    ]
     return torch.stack(terms).mean()
