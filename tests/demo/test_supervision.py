@@ -48,8 +48,7 @@ def test_loss_is_minus_log_of_the_score_stages_target_share() -> None:
     # several layers: the mean of each layer's loss (here layer 1 is uniform: share 0.5)
     uniform = torch.full_like(attn, 0.1)
     inputs = {"input_ids": ids, "labels": labels}
-    p = BaseParams(attention_supervision=1.0, supervised_layers=(0, 1))
-    both = layers_share_loss([attn, uniform], inputs, IMG, 2, [1], p)
+    both = layers_share_loss([attn, uniform], inputs, IMG, 2, [1], (0, 1))
     assert both.item() == pytest.approx((-math.log(0.8) - math.log(0.5)) / 2)
 
 

@@ -313,7 +313,9 @@ def train_base_model(
             if supervise:
                 targets = [target_position(prompt) for prompt, _, _ in batch]
                 image_id = model.config.image_token_id
-                aux = layers_share_loss(out.attentions, inputs, image_id, n, targets, p)
+                aux = layers_share_loss(
+                    out.attentions, inputs, image_id, n, targets, p.supervised_layers
+                )
                 loss = loss + p.attention_supervision * aux
                 shares.append(float(torch.exp(-aux)))
             loss.backward()

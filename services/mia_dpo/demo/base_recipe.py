@@ -120,9 +120,9 @@ class BaseParams(BaseModel):
         ge=0,
         description="Weight of an auxiliary loss on sequence-question steps: -log of the "
         "target image's share of the answer rows' image attention at supervised_layers (the "
-        "quantity the score stage reads). 0: off, the plain recipe. On, it makes the base "
-        "model confused the way the paper assumes of LLaVA: an answer follows the image "
-        "attended, so a wrong answer shows as attention on the wrong image.",
+        "quantity the score stage reads). 0: off, the plain recipe. On, it asks the base "
+        "to be confused the way the paper assumes of LLaVA (a wrong answer showing as "
+        "attention on the wrong image); docs/evidence.md has what it reached.",
     )
     supervised_layers: tuple[int, ...] = Field(
         default=(2,),

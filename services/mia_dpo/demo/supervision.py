@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mia_dpo.demo.base_recipe import BaseParams
-
 
 def target_share_loss(
     attentions: torch.Tensor,  # (B, H, T, T): one decoder layer's softmax weights
@@ -46,18 +44,12 @@ def layers_share_loss(
     image_token_id: int,
     n_images: int,
     targets: list[int],
-    p: BaseParams,
+    layers: Sequence[int],
 ) -> torch.Tensor:
-    """target_share_loss averaged over p.supervised_layers."""
+    """target_share_loss averaged over `layers`."""
+    ids, labels = inputs["input_ids"], inputs["labels"]
     terms = [
-        target_share_loss(
-            attentions[layer],
-            inputs["input_ids"],
-            inputs["labels"],
-            image_token_id,
-            n_images,
-            targets,
-        )
-        for layer in p.supervised_layers
+        target_share_loss(attentions[layer], ids, labels, image_token_id, n_images, targets)
+        for layer in layers
     ]
     return torch.stack(terms).mean()
