@@ -103,12 +103,15 @@ def run_id_of(seed: int, name: str) -> str:
     return f"s{seed}-{'-'.join(p for p in slug.split('-') if p)}"[:63]
 
 
-def train_variant(store: LocalStore, src: Path, base: Path, seed: int, name: str) -> dict:
+def train_variant(
+    store: LocalStore, src: Path, base: Path, seed: int, name: str, extra: dict[str, Any]
+) -> dict:
     overrides, reuse, stages = VARIANTS[name]
     cfg = load_config(
         None,
         overrides={
             **RECIPE,
+            **extra,
             **overrides,
             "seed": seed,
             "model.path": str(base),
@@ -139,8 +142,10 @@ def train_variant(store: LocalStore, src: Path, base: Path, seed: int, name: str
     if store.exists(layout.calibration_key(run_id)) and reuse is None:
         cal = store.get_json(layout.calibration_key(run_id))
         out["calibration"] = {
-            k: cal[k] for k in ("layers", "auc", "auc_by_layer", "best_auc", "separates")
-        }
+            k: cal.get(k)
+            for k in ("layers", "format_layers", "format_auc", "auc", "auc_by_layer",
+                      "best_auc", "separates")
+        }  # fmt: skip
         out["thresholds"] = {f"{c['format']}/{c['n_images']}": c["threshold"] for c in cal["cells"]}
     out["cfg"] = cfg
     return out
@@ -224,7 +229,18 @@ def main() -> None:
         "--out", default=None, help="results path stem (default bench/results/evidence)"
     )
     ap.add_argument("--work", default=None, help="keep the runs here (default: a temp dir)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config override for every variant (a variant's own keys win), "
+        "repeatable: --set calibrate.layer_per=format",
+    )
     args = ap.parse_args()
+    extra = dict(item.partition("=")[::2] for item in args.set)
+    if bad := [item for item in args.set if "=" not in item or item.startswith("=")]:
+        ap.error(f"--set {bad[0]}: expected KEY=VALUE")
     if args.quick:
         args.seeds, args.per_cell, args.eval_n = args.seeds[:1], min(args.per_cell, 300), 700
     stem = Path(
@@ -247,7 +263,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for name in VARIANTS:
-            res = train_variant(store, src, base, seed, name)
+            res = train_variant(store, src, base, seed, name, extra)
             vcfg = res.pop("cfg")
             adapter = store.root / layout.adapter_prefix(layout.train_prefix(res["run_id"]))
             t0 = time.perf_counter()
@@ -258,7 +274,7 @@ def main() -> None:
                   f"+ eval {res['eval_seconds']:.0f}s", flush=True)  # fmt: skip
     results = summarise(items, base_right, right)
     results.update(
-        seeds=args.seeds, n_train_source=args.n, eval_seed=EVAL_SEED, runs=runs,
+        seeds=args.seeds, n_train_source=args.n, eval_seed=EVAL_SEED, runs=runs, overrides=extra,
         base_model=read_report(base).model_dump(  # type: ignore[union-attr]
             include={"params", "accuracy", "attention_auc"}
         ),

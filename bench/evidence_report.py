@@ -67,9 +67,13 @@ def render(res: dict[str, Any]) -> tuple[str, bytes]:
             c = r["calibration"]
             by_layer = ", ".join("-" if a is None else f"{a:.3f}" for a in c["auc_by_layer"])
             auc = "n/a" if c["auc"] is None else f"{c['auc']:.3f}"
+            per_format = "".join(
+                f", {fmt} at layer {band} (AUC {_auc(c.get('format_auc', {}).get(fmt))})"
+                for fmt, band in (c.get("format_layers") or {}).items()
+            )
             lines.append(
                 f"- seed {r['seed']}: layer {c['layers']}, AUC {auc}, AUC by layer [{by_layer}]"
-                f", separates: {c['separates']}; thresholds "
+                f"{per_format}, separates: {c['separates']}; thresholds "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["thresholds"].items())
             )
         lines.append("")
@@ -117,3 +121,7 @@ def _plot(res: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+def _auc(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -12,12 +12,12 @@ from PIL import Image
 
 from mia_dpo.calibration import (
     Observation,
-    auc_plot_png,
     calibrate,
     correctness,
     format_calibration,
     roc_auc,
 )
+from mia_dpo.calibration_plot import auc_plot_png
 from mia_dpo.config import CalibrateConfig, RunConfig, ScoreConfig
 
 
@@ -76,6 +76,49 @@ def test_a_fixed_layer_is_kept_and_the_best_still_reported() -> None:
     assert cal.layers == [2] and cal.layer_from == "config"
     assert cal.best_layers == [1] and cal.best_auc == 1.0
     assert "best would be layer 1" in cal.summary()
+
+
+def two_formats(seed: int = 0) -> list[Observation]:
+    """Sequences separate at layer 1 only; grids (twice as many) at layer 3 only, and
+    less cleanly (AUC ~0.7); layers 0 and 2 are noise."""
+    obs = observations(seed, n=60, good=1)
+    rng = random.Random(seed + 1)
+    for i in range(120):
+        right = i % 2 == 0
+        r = [rng.uniform(0.05, 0.45) for _ in range(4)]
+        r[3] = rng.uniform(0.15, 0.45) if right else rng.uniform(0.05, 0.35)
+        obs.append(Observation(format="grid", n_images=4, right=right, ratios=r))
+    return obs
+
+
+def test_per_format_each_format_reads_its_own_layer() -> None:
+    obs = two_formats()
+    run = calibrate(obs, 4, CalibrateConfig(), ScoreConfig())
+    per = calibrate(obs, 4, CalibrateConfig(layer_per="format"), ScoreConfig())
+    assert run.format_layers == {} and run.layers_for("sequence") == run.layers == [3]
+    assert per.layers == [3]  # the pooled choice, kept for formats not measured
+    assert per.format_layers == {"sequence": [1], "grid": [3]}
+    assert per.layers_for("sequence") == [1] and per.layers_for("pic_in_pic") == [3]
+    assert per.format_auc["sequence"] == 1.0 and 0.6 < per.format_auc["grid"] < 0.85
+    # pooled over cells, each at its own format's layer, the AUC beats one layer for all
+    assert per.auc > run.auc
+    # thresholds: each cell's right answers at its format's layer
+    seq_right = [o.ratios[1] for o in obs if o.right and o.format == "sequence"]
+    grid_right = [o.ratios[3] for o in obs if o.right and o.format == "grid"]
+    assert per.threshold("sequence", 2) == pytest.approx(np.median(seq_right), abs=1e-6)
+    assert per.threshold("grid", 4) == pytest.approx(np.median(grid_right), abs=1e-6)
+    assert run.threshold("sequence", 2) != per.threshold("sequence", 2)
+    assert "per format: sequence 1 (AUC 1.000), grid 3" in per.summary()
+    assert "thresholds at layer sequence 1, grid 3" in format_calibration(per)
+    # a fixed score.layer wins: no per-format choice
+    fixed = calibrate(obs, 4, CalibrateConfig(layer_per="format"), ScoreConfig(), fixed_layer=2)
+    assert fixed.format_layers == {} and fixed.layers == [2]
+    img = Image.open(io.BytesIO(auc_plot_png(per)))
+    assert img.format == "PNG"
+    # the sequence band is marked in the sequence colour (blue) at layer 1's x
+    pixels = np.asarray(img.convert("RGB"))
+    x1 = 48 + (560 - 130 - 48) // 3
+    assert ((pixels[24:272, x1:x1 + 5] == (31, 119, 180)).all(axis=-1)).sum() > 20
 
 
 def test_bands_average_adjacent_layers() -> None:

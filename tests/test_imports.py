@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors", "records"},
     # numpy-only leaves: the light image (select, status, report) reads them without torch
     "calibration": CORE,
+    "calibration_plot": CORE | {"calibration"},  # Pillow, no torch: the same light image
     "paired": set(),
     "runtime": CORE,
     "data": CORE,
@@ -40,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "model_card": CORE | {"runtime", "calibration"},
     "stages": CORE
     | {"data", "models", "augmentation", "training", "evaluation", "runtime", "calibration"}
-    | {"model_card"},
+    | {"model_card", "calibration_plot"},
     # run exports: pairs for other trainers, the adapter (export.adapter) ready to share
     "export": CORE | {"data", "models", "runtime", "model_card"},
     "demo": CORE | {"data", "models", "calibration"},

@@ -134,6 +134,13 @@ def test_card_holds_the_numbers_of_its_records() -> None:
     assert row.count(" | ") == 1 and r"mlp\.up_proj\|self_attn" in row
     assert "Not evaluated" not in card and "No calibration" not in card
     assert "# Evaluation on the held-out benchmark" not in card  # its title, not the card's
+    assert "Per format" not in card
+    per_format = calibration().model_copy(
+        update={"format_layers": {"sequence": [1], "grid": [11, 12]},
+                "format_auc": {"sequence": 0.8812, "grid": None}}
+    )  # fmt: skip
+    card = render_card(records.model_copy(update={"calibration": per_format}))
+    assert "Per format: sequence layer `1` (AUC 0.8812); grid layer `11-12` (AUC -)." in card
 
 
 def test_missing_records_are_said_not_invented() -> None:

@@ -15,19 +15,17 @@ torch).
 
 from __future__ import annotations
 
-import io
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
 
 from mia_dpo.answers import normalize_answer, same_answer
 from mia_dpo.config import GRID_COUNTS, SEQUENCE_COUNTS, CalibrateConfig, ScoreConfig
-from mia_dpo.records import FORMATS, Format
+from mia_dpo.records import Format
 
 # A ground truth this short (in words) counts as found when the answer contains it.
 PRESENCE_MAX_WORDS = 5
@@ -87,7 +85,18 @@ class Calibration(BaseModel):
 
     layers: list[int] = Field(description="The chosen layer band (0-based, adjacent).")
     layer_from: Literal["best_auc", "config"]
-    auc: float | None = Field(description="Pooled AUC of the chosen band (pairs within cells).")
+    format_layers: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="calibrate.layer_per format: each format's band, which overrides `layers` "
+        "for its answers; empty: `layers` for every format.",
+    )
+    format_auc: dict[str, float | None] = Field(
+        default_factory=dict, description="Each format's AUC at its band (layer_per format)."
+    )
+    auc: float | None = Field(
+        description="Pooled AUC at the chosen band(s) (pairs within cells; per format: each "
+        "cell at its format's band)."
+    )
     auc_by_layer: list[float | None] = Field(description="Pooled AUC per single layer.")
     band_auc: dict[str, float | None] = Field(description="'a-b' (inclusive) -> pooled AUC.")
     best_layers: list[int] = Field(description="The band with the best pooled AUC.")
@@ -100,6 +109,10 @@ class Calibration(BaseModel):
     n_wrong: int
     n_unknown: int = Field(description="Answers whose correctness could not be told (skipped).")
     cells: list[CellCalibration]
+
+    def layers_for(self, fmt: str) -> list[int]:
+        """The band whose ratios score an answer of this format."""
+        return self.format_layers.get(fmt, self.layers)
 
     def threshold(self, fmt: str, n_images: int) -> float:
         for c in self.cells:
@@ -120,6 +133,11 @@ class Calibration(BaseModel):
         if self.layer_from == "config" and self.best_layers != self.layers:
             best = "n/a" if self.best_auc is None else f"{self.best_auc:.3f}"
             line += f"; best would be layer {band_name(self.best_layers)} (AUC {best})"
+        if self.format_layers:
+            line += "; per format: " + ", ".join(
+                f"{fmt} {band_name(b)} (AUC {_f(self.format_auc.get(fmt)).strip()})"
+                for fmt, b in self.format_layers.items()
+            )
         if self.best_auc is None:
             line += (
                 "; WARNING: too few right and wrong answers in any cell to measure an AUC "
@@ -180,14 +198,11 @@ def calibrate(
             return None, 0
         return roc_auc(right, wrong), right.size * wrong.size
 
-    def pooled(band: Sequence[int]) -> float | None:
-        """AUC over right/wrong pairs of the same cell: cells weighted by pairs compared."""
-        total = weight = 0.0
-        for obs in by_cell.values():
-            auc, pairs = cell_auc(obs, band)
-            if auc is not None:
-                total, weight = total + auc * pairs, weight + pairs
-        return total / weight if weight else None
+    def pooled(band: Sequence[int], fmt: str | None = None) -> float | None:
+        """AUC over right/wrong pairs of the same cell (of `fmt`, or all): cells weighted
+        by pairs compared."""
+        return _pooled([cell_auc(obs, band) for (f, _), obs in by_cell.items()
+                        if fmt is None or f == fmt])  # fmt: skip
 
     bands = [
         list(range(a, a + w))
@@ -195,24 +210,30 @@ def calibrate(
         for a in range(num_layers - w + 1)
     ]
     band_auc = {band_name(b): pooled(b) for b in bands}
-    # the best band; a tie keeps the narrower, then the earlier one (list order)
-    scored = [(band_auc[band_name(b)], b) for b in bands if band_auc[band_name(b)] is not None]
-    best_band = max(scored, key=lambda t: t[0])[1] if scored else [num_layers // 2]
+    best_band = _best(bands, band_auc) or [num_layers // 2]
     best = band_auc.get(band_name(best_band))
     if fixed_layer is not None:
         chosen, layer_from = [fixed_layer], "config"
     else:
         chosen, layer_from = best_band, "best_auc"
+    format_layers: dict[str, list[int]] = {}
+    if cfg.layer_per == "format" and fixed_layer is None:
+        for fmt in dict.fromkeys(f for f, _ in _cells() if any(f == g for g, _ in by_cell)):
+            by_band = {band_name(b): pooled(b, fmt) for b in bands}
+            format_layers[fmt] = _best(bands, by_band) or chosen
+
+    def band_of(fmt: str) -> list[int]:
+        return format_layers.get(fmt, chosen)
 
     cells = []
     right_by_format: dict[str, list[float]] = defaultdict(list)  # share x n (chance = 1)
     for (fmt, n), obs in by_cell.items():
         right_by_format[fmt] += [
-            float(v) * n for v, o in zip(band_ratio(obs, chosen), obs, strict=True) if o.right
+            float(v) * n for v, o in zip(band_ratio(obs, band_of(fmt)), obs, strict=True) if o.right
         ]
     for fmt, n in _cells():
         obs = by_cell.get((fmt, n), [])
-        vals = band_ratio(obs, chosen) if obs else np.zeros(0)
+        vals = band_ratio(obs, band_of(fmt)) if obs else np.zeros(0)
         right = vals[[o.right for o in obs]] if obs else vals
         if right.size >= cfg.min_answers_per_cell:
             thr, source = float(np.quantile(right, cfg.quantile)), "quantile"
@@ -227,18 +248,38 @@ def calibrate(
             n_wrong=int(sum(not o.right for o in obs)),
             auc_by_layer=[cell_auc(obs, [i])[0] for i in range(num_layers)] if obs
             else [None] * num_layers,
-            auc=cell_auc(obs, chosen)[0] if obs else None,
+            auc=cell_auc(obs, band_of(fmt))[0] if obs else None,
             threshold=round(min(thr, 1.0), 6), threshold_from=source,
         ))  # fmt: skip
     n_right = sum(o.right for o in observations)
+    auc = band_auc.get(band_name(chosen), pooled(chosen))
+    if format_layers:
+        auc = _pooled([cell_auc(obs, band_of(f)) for (f, _), obs in by_cell.items()])
     return Calibration(
-        layers=chosen, layer_from=layer_from, auc=band_auc.get(band_name(chosen), pooled(chosen)),
+        layers=chosen, layer_from=layer_from, auc=auc, format_layers=format_layers,
+        format_auc={f: pooled(b, f) for f, b in format_layers.items()},
         auc_by_layer=[band_auc[str(i)] for i in range(num_layers)], band_auc=band_auc,
         best_layers=best_band, best_auc=best,
         separates=best is not None and best >= cfg.auc_floor, auc_floor=cfg.auc_floor,
         quantile=cfg.quantile, n_answers=len(observations), n_right=n_right,
         n_wrong=len(observations) - n_right, n_unknown=n_unknown, cells=cells,
     )  # fmt: skip
+
+
+def _pooled(aucs: Sequence[tuple[float | None, int]]) -> float | None:
+    """Cells' (AUC, pairs compared) pooled: each cell weighted by its pairs."""
+    total = weight = 0.0
+    for auc, pairs in aucs:
+        if auc is not None:
+            total, weight = total + auc * pairs, weight + pairs
+    return total / weight if weight else None
+
+
+def _best(bands: Sequence[list[int]], aucs: Mapping[str, float | None]) -> list[int] | None:
+    """The band with the best AUC; a tie keeps the narrower, then the earlier one (list
+    order); None when no band was measured."""
+    scored = [(aucs[band_name(b)], b) for b in bands if aucs[band_name(b)] is not None]
+    return max(scored, key=lambda t: t[0])[1] if scored else None  # type: ignore[arg-type,return-value]
 
 
 def _f(v: float | None) -> str:
@@ -256,78 +297,14 @@ def format_calibration(cal: Calibration) -> str:
         if c.n_right + c.n_wrong:
             lines.append(f"{c.format + ' ' + str(c.n_images):14} {c.n_right:5} {c.n_wrong:5} | "
                          + " ".join(_f(v) for v in c.auc_by_layer))  # fmt: skip
-    lines.append(f"thresholds at layer {band_name(cal.layers)} (quantile {cal.quantile} of "
+    where = (", ".join(f"{f} {band_name(b)}" for f, b in cal.format_layers.items())
+             if cal.format_layers else band_name(cal.layers))  # fmt: skip
+    lines.append(f"thresholds at layer {where} (quantile {cal.quantile} of "
                  "right answers' ratios): "
                  + ", ".join(f"{c.format} {c.n_images}: {c.threshold:.3f}"
                              + ("" if c.threshold_from == "quantile" else f" ({c.threshold_from})")
                              for c in cal.cells))  # fmt: skip
     return "\n".join(lines)
-
-
-# --- The plot --------------------------------------------------------------------
-
-_W, _H, _PAD = 560, 320, 48
-_COLOURS = {"pooled": (20, 20, 20), "sequence": (31, 119, 180), "grid": (44, 160, 44),
-            "pic_in_pic": (214, 39, 40)}  # fmt: skip
-
-
-def _format_auc(cal: Calibration) -> dict[str, list[float | None]]:
-    """Per format, AUC per layer pooled over its image counts (weights: pairs)."""
-    out: dict[str, list[float | None]] = {}
-    n_layers = len(cal.auc_by_layer)
-    for fmt in FORMATS:
-        cells = [c for c in cal.cells if c.format == fmt]
-        row: list[float | None] = []
-        for i in range(n_layers):
-            pairs = [(c.auc_by_layer[i], c.n_right * c.n_wrong) for c in cells
-                     if c.auc_by_layer[i] is not None]  # fmt: skip
-            weight = sum(p for _, p in pairs)
-            row.append(sum(a * p for a, p in pairs) / weight if weight else None)  # type: ignore[operator]
-        if any(v is not None for v in row):
-            out[fmt] = row
-    return out
-
-
-def auc_plot_png(cal: Calibration) -> bytes:
-    """AUC by decoder layer (pooled and per format), chance and the floor marked: a PNG."""
-    img = Image.new("RGB", (_W, _H), "white")
-    d = ImageDraw.Draw(img)
-    x0, x1, y0, y1 = _PAD, _W - 130, _PAD // 2, _H - _PAD
-    n = len(cal.auc_by_layer)
-
-    def xy(layer: int, auc: float) -> tuple[float, float]:
-        x = x0 + (x1 - x0) * (layer / max(n - 1, 1))
-        return x, y1 - (y1 - y0) * min(max(auc, 0.0), 1.0)
-
-    d.rectangle((x0, y0, x1, y1), outline=(120, 120, 120))
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        _, y = xy(0, tick)
-        d.line((x0 - 4, y, x0, y), fill=(120, 120, 120))
-        d.text((4, y - 6), f"{tick:.2f}", fill=(60, 60, 60))
-    for level, colour in ((0.5, (170, 170, 170)), (cal.auc_floor, (230, 150, 60))):
-        _, y = xy(0, level)
-        d.line((x0, y, x1, y), fill=colour)
-    for i in range(n):
-        x, _ = xy(i, 0)
-        d.text((x - 3, y1 + 6), str(i), fill=(60, 60, 60))
-    d.text(((x0 + x1) // 2 - 40, _H - 18), "decoder layer", fill=(0, 0, 0))
-    series = {"pooled": cal.auc_by_layer, **_format_auc(cal)}
-    for row, (name, values) in enumerate(series.items()):
-        colour = _COLOURS[name]
-        pts = [xy(i, v) for i, v in enumerate(values) if v is not None]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=3 if name == "pooled" else 1)
-        for x, y in pts:
-            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        d.text((x1 + 12, y0 + 16 * row), name, fill=colour)
-    for i in cal.layers:  # the chosen band
-        x, _ = xy(i, 0)
-        d.line((x, y0, x, y1), fill=(230, 150, 60))
-    d.text((x1 + 12, y0 + 16 * (len(series) + 1)), f"chosen: {band_name(cal.layers)}",
-           fill=(0, 0, 0))  # fmt: skip
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def as_tables(

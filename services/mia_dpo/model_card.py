@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from mia_dpo.calibration import Calibration
+from mia_dpo.calibration import Calibration, band_name
 from mia_dpo.errors import NotFound
 from mia_dpo.records import ShardStats
 from mia_dpo.runtime import layout
@@ -185,7 +185,7 @@ def _selection(
     lines.append("")
     if cal is None:
         return [*lines, "No calibration: the run used fixed thresholds.", ""]
-    band = "-".join(str(x) for x in (cal.layers[0], cal.layers[-1])) if cal.layers else "-"
+    band = band_name(cal.layers) if cal.layers else "-"
     verdict = "separates" if cal.separates else "near chance (below the floor)"
     lines += [
         "### Calibration",
@@ -196,6 +196,16 @@ def _selection(
         f"{_fmt(cal.quantile)} quantile of the right answers' ratios.",
         "",
     ]
+    if cal.format_layers:  # calibrate.layer_per format
+        lines[-1:-1] = [
+            "Per format: "
+            + "; ".join(
+                f"{fmt} layer `{band_name(b)}` (AUC {_fmt(cal.format_auc.get(fmt))})"
+                for fmt, b in cal.format_layers.items()
+            )
+            + ".",
+            "",
+        ]
     rows = [
         [c.format, c.n_images, c.n_right, c.n_wrong, c.auc, c.threshold, c.threshold_from]
         for c in cal.cells

@@ -230,17 +230,20 @@ def with_right_answers(ref: Reference, gen: Out) -> list[str]:
     return rows
 
 
-def test_calibrate_reads_every_layer_as_score_reads_one(env: Env, gen: Out, ref) -> None:
+@pytest.mark.parametrize("layer_per", ["run", "format"])
+def test_calibrate_reads_every_layer_as_score_reads_one(
+    env: Env, gen: Out, ref, layer_per: str
+) -> None:
     from mia_dpo.calibration import Calibration, Observation
     from mia_dpo.records import Task
     from mia_dpo.runtime import layout
     from mia_dpo.stages import get_stage
 
     rows = with_right_answers(ref, gen)
-    run_id = "calib-0"
+    run_id = f"calib-{layer_per}"
     env.store.put_jsonl(layout.shard_key(run_id, "generate", 0), rows)
     cfg = {"score.layer": "auto", "score.thresholds": "calibrated",
-           "calibrate.min_answers_per_cell": 2}  # fmt: skip
+           "calibrate.min_answers_per_cell": 2, "calibrate.layer_per": layer_per}  # fmt: skip
     stats = get_stage("calibrate")(Task.make(run_id, "calibrate", 0), env.ctx(cfg))
     cal = Calibration.model_validate_json(env.store.get_text(layout.calibration_key(run_id)))
     obs = [Observation.model_validate_json(r) for r in
@@ -250,9 +253,15 @@ def test_calibrate_reads_every_layer_as_score_reads_one(env: Env, gen: Out, ref)
     assert all(len(o.ratios) == 4 for o in obs)
     assert env.store.get_bytes(layout.calibration_key(run_id, "auc_by_layer.png"))[:4] == b"\x89PNG"
     assert cal.auc_by_layer[cal.layers[0]] == max(a for a in cal.auc_by_layer if a is not None)
+    formats = {o.format for o in obs}
+    assert set(cal.format_layers) == (formats if layer_per == "format" else set())
+    for fmt, band in cal.format_layers.items():  # each format's own best layer
+        aucs = [c.auc_by_layer for c in cal.cells if c.format == fmt and c.auc is not None]
+        assert band[0] in range(4) and (len(aucs) != 1 or aucs[0][band[0]] == max(aucs[0]))
 
-    # the score stage, told to use the calibration, reads the chosen layer, applies the
-    # calibrated thresholds, and its wrong answers' ratios equal calibrate's at that layer
+    # the score stage, told to use the calibration, reads the chosen layer (its format's,
+    # per format), applies the calibrated thresholds, and its wrong answers' ratios equal
+    # calibrate's at that layer
     out = get_stage("score")(Task.make(run_id, "score", 0), env.ctx(cfg))
     recs = [ScoredResponse.model_validate_json(r)
             for r in env.store.get_jsonl(layout.shard_key(run_id, "score", 0))]  # fmt: skip
@@ -260,9 +269,10 @@ def test_calibrate_reads_every_layer_as_score_reads_one(env: Env, gen: Out, ref)
     assert out.total == len(rows) and wrong
     by_kind = {}
     for o in obs:
-        by_kind.setdefault((o.format, o.n_images, o.right), []).append(o.ratios[cal.layers[0]])
+        at = cal.layers_for(o.format)[0]
+        by_kind.setdefault((o.format, o.n_images, o.right), []).append(o.ratios[at])
     for r in wrong:
-        assert r.layer == cal.layers[0]
+        assert r.layer == cal.layers_for(r.sample.format)[0]
         assert r.threshold == cal.threshold(r.sample.format, r.sample.n_images)
         assert any(abs(r.ratio - x) < 1e-5 for x in by_kind[(*kind(r), False)])
     # without calibration.json the score stage says what to do, in one line

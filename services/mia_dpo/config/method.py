@@ -199,6 +199,15 @@ class CalibrateConfig(Section):
         ge=1,
         description="Widest band of adjacent layers whose ratios are averaged (1: single layers).",
     )
+    layer_per: Literal["run", "format"] = Field(
+        default="run",
+        description=(
+            "run: one layer (band) for every format, the best pooled AUC (the paper reads "
+            "one layer). format: each format (sequence, grid, pic-in-pic) its own best band, "
+            "for a model whose formats route through different layers; a format with no "
+            "measurable AUC takes the run's band. Only with score.layer auto."
+        ),
+    )
     quantile: float = Field(
         default=0.5,
         gt=0.0,

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mia_dpo.calibration import Observation, auc_plot_png, calibrate, correctness
+from mia_dpo.calibration import Observation, calibrate, correctness
+from mia_dpo.calibration_plot import auc_plot_png
 from mia_dpo.errors import SampleError
 from mia_dpo.models.ratios import attention_ratio
 from mia_dpo.records import AugmentedSample, GeneratedSample, Response, ShardStats, Task

@@ -59,12 +59,13 @@ def read_calibration(ctx: StageContext, run_id: str) -> Calibration:
 def scoring_layers(
     ctx: StageContext, run_id: str, num_layers: int
 ) -> tuple[list[int], Calibration | None]:
-    """(layers whose ratios are averaged, the calibration if configured)."""
+    """(every layer read, the calibration if configured). A format's ratios average its
+    band (`band_of`): the calibrated one, or all layers read."""
     scfg = ctx.config.score
     cal = read_calibration(ctx, run_id) if scfg.needs_calibration else None
     if scfg.layer == "auto":
         assert cal is not None
-        layers = list(cal.layers)
+        layers = sorted({i for band in (cal.layers, *cal.format_layers.values()) for i in band})
     else:
         layers = [scfg.layer if scfg.layer is not None else num_layers // 2]
     if layers[-1] >= num_layers:
@@ -80,12 +81,16 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
     lm = cached_model(ctx)
     layers, cal = scoring_layers(ctx, task.run_id, lm.num_layers)
     seq_thr, grid_thr, pip_thr = as_tables(cal, scfg)
-    layer = layers[0]  # the record's `layer`: the band's first
+
+    def band_of(fmt: str) -> list[int]:
+        return cal.layers_for(fmt) if cal is not None and scfg.layer == "auto" else layers
+
     todo: list[tuple[int, AugmentedSample, Response, int]] = []
 
     def emit(n, sample, idx, response, decision, reason, ratio=None, shares=(), att=(), thr=None):  # type: ignore[no-untyped-def]
-        rec = ScoredResponse(
-            sample=sample, response_index=idx, response=response, layer=layer, ratio=ratio,
+        rec = ScoredResponse(  # the record's `layer`: its band's first
+            sample=sample, response_index=idx, response=response,
+            layer=band_of(sample.format)[0], ratio=ratio,
             image_shares=[round(x, 6) for x in shares],
             token_attention=[round(float(x), 8) for x in att] if scfg.keep_token_attention else [],
             threshold=thr, decision=decision, reason=reason,
@@ -130,6 +135,7 @@ def run_shard(task: Task, ctx: StageContext) -> ShardStats:
                 items, results, strict=True
             ):
                 pictures = [t.picture for t in images]
+                per_layer = [per_layer[layers.index(i)] for i in band_of(sample.format)]
                 # a band: its layers' ratios (and shares) averaged
                 measured = [
                     attention_ratio(sample, att, pictures, scfg.pip_border_fraction)
