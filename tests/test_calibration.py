@@ -118,7 +118,7 @@ def test_per_format_each_format_reads_its_own_layer() -> None:
     # the sequence band is marked in the sequence colour (blue) at layer 1's x
     pixels = np.asarray(img.convert("RGB"))
     x1 = 48 + (560 - 130 - 48) // 3
-    assert ((pixels[24:272, x1:x1 + 5] == (31, 119, 180)).all(axis=-1)).sum() > 20
+    assert ((pixels[24:272, x1 : x1 + 5] == (31, 119, 180)).all(axis=-1)).sum() > 20
 
 
 def test_bands_average_adjacent_layers() -> None:
