@@ -20,20 +20,32 @@ def _reading(res: dict[str, Any]) -> list[str]:
     """What the figures say against the issue's bar, computed, not written by hand."""
     delta = res["delta"]
     out = []
+    refs = ("random (any answer)", "SFT on chosen")
     for name in ("MIA-DPO calibrated", "MIA-DPO calibrated + label balance"):
+        if name not in delta:  # a study of fewer variants (bench/evidence.py --variants)
+            continue
         m, s = delta[name]["multi_image"], delta[name]["single"]
         beats = {
             ref: delta[name]["multi_image"]["low"] > delta[ref]["multi_image"]["high"]
-            for ref in ("random (any answer)", "SFT on chosen")
+            for ref in refs
+            if ref in delta
         }
+        missing = [ref for ref in refs if ref not in delta]
         met = m["delta"] >= GOAL_MULTI and s["delta"] >= GOAL_SINGLE and all(beats.values())
         out.append(
             f"- **{name}**: multi-image {_ci(m)}, single {_ci(s)}; its multi-image interval "
             + ", ".join(
-                f"{'lies above' if ok else 'overlaps'} {ref}'s" for ref, ok in beats.items()
+                [f"{'lies above' if ok else 'overlaps'} {ref}'s" for ref, ok in beats.items()]
+                + [f"not compared with {ref} (not run)" for ref in missing]
             )
             + f". The issue's bar (>= +{GOAL_MULTI:.2f} multi, >= {GOAL_SINGLE:+.2f} single, "
-            f"intervals apart from random and SFT): **{'met' if met else 'not met'}**."
+            "intervals apart from random and SFT): "
+            + (
+                "**not decided** (a comparison did not run)"
+                if missing and met
+                else f"**{'met' if met else 'not met'}**"
+            )
+            + "."
         )
     return out
 
