@@ -17,7 +17,8 @@ The protocol (issue 12):
 - variants: MIA-DPO with the paper's layer and thresholds, MIA-DPO calibrated, random
   (any scored answer, right or wrong, as many pairs as calibrated), random_wrong (only
   wrong answers), ppl_only (no attention rule), SFT on the calibrated pairs' chosen
-  answers, and calibrated MIA-DPO + label balance (SFT-only rows, sft_weight 1).
+  answers, calibrated MIA-DPO + label balance (SFT-only rows, sft_weight 1), and its
+  control: random (any answer) + the same label balance.
 
 Writes <out>.md (table and the reading), <out>.json (every figure) and <out>.png.
 """
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evidence_report import CELLS, render
+from evidence_report import CELLS, CONTROLS, render
 
 from mia_dpo.answers import same_answer
 from mia_dpo.config import load_config
@@ -72,6 +73,7 @@ RECIPE: dict[str, Any] = {
     "evaluate.max_new_tokens": 6,
 }
 CALIBRATED = {"score.layer": "auto", "score.thresholds": "calibrated"}
+BALANCE = {"select.label_balance": True, "train.sft_weight": 1.0}
 # name -> (overrides, the run whose stage outputs it reuses, the stages it reuses)
 VARIANTS: dict[str, tuple[dict[str, Any], str | None, tuple[str, ...]]] = {
     "MIA-DPO calibrated": (CALIBRATED, None, ()),
@@ -93,8 +95,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None, tuple[str, ...]]] = {
         ("plan", "augment", "generate", "calibrate", "score", "select"),
     ),
     "MIA-DPO calibrated + label balance": (
-        {**CALIBRATED, "select.label_balance": True, "train.sft_weight": 1.0},
-        "MIA-DPO calibrated", ("plan", "augment", "generate", "calibrate", "score"),
+        {**CALIBRATED, **BALANCE}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score"),
+    ),
+    # label balance's own control: the same SFT-only rows beside randomly drawn pairs
+    "random (any answer) + label balance": (
+        {**CALIBRATED, **BALANCE, "select.strategy": "random"}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score"),
     ),
 }  # fmt: skip
 
@@ -313,8 +320,8 @@ def summarise(items: list[EvalItem], base: list[bool], right: dict[str, list[lis
         out["base"][c] = sum(base[i] for i in ix) / max(len(ix), 1)
     pairs = [(name, "base") for name in right] + [
         (name, ref)
-        for name in ("MIA-DPO calibrated", "MIA-DPO calibrated + label balance")
-        for ref in ("random (any answer)", "SFT on chosen")
+        for name, refs in CONTROLS.items()
+        for ref in refs
         if name in right and ref in right  # a study of fewer variants compares what ran
     ]
     for name, ref in pairs:

@@ -10,6 +10,17 @@ from PIL import Image, ImageDraw
 CELLS = ("multi_image", "sequence", "grid", "pic_in_pic", "single")
 LABELS = {"multi_image": "multi-image", "pic_in_pic": "pic-in-pic"}
 GOAL_MULTI, GOAL_SINGLE = 0.05, -0.01  # issue 12's bar: +5 points multi, at most -1 single
+# what each MIA-DPO variant must beat: random pairs and SFT on the same chosen answers;
+# label balance against random pairs with the same SFT-only rows (the plain random pairs
+# when that control did not run, as in studies before it existed)
+CONTROLS = {
+    "MIA-DPO calibrated": ("random (any answer)", "SFT on chosen"),
+    "MIA-DPO calibrated + label balance": (
+        "random (any answer) + label balance",
+        "random (any answer)",
+        "SFT on chosen",
+    ),
+}
 
 
 def _ci(d: dict[str, Any]) -> str:
@@ -20,10 +31,10 @@ def _reading(res: dict[str, Any]) -> list[str]:
     """What the figures say against the issue's bar, computed, not written by hand."""
     delta = res["delta"]
     out = []
-    refs = ("random (any answer)", "SFT on chosen")
-    for name in ("MIA-DPO calibrated", "MIA-DPO calibrated + label balance"):
+    for name, controls in CONTROLS.items():
         if name not in delta:  # a study of fewer variants (bench/evidence.py --variants)
             continue
+        refs = _controls(controls, delta)
         m, s = delta[name]["multi_image"], delta[name]["single"]
         beats = {
             ref: delta[name]["multi_image"]["low"] > delta[ref]["multi_image"]["high"]
@@ -137,3 +148,10 @@ def _plot(res: dict[str, Any]) -> bytes:
 
 def _auc(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def _controls(controls: tuple[str, ...], delta: dict[str, Any]) -> list[str]:
+    """The random control (the balanced one when it ran) and SFT on chosen."""
+    randoms = [c for c in controls if c.startswith("random")]
+    random = next((c for c in randoms if c in delta), randoms[-1])
+    return [random, *(c for c in controls if not c.startswith("random"))]
