@@ -110,6 +110,12 @@ def test_per_format_each_format_reads_its_own_layer() -> None:
     assert run.threshold("sequence", 2) != per.threshold("sequence", 2)
     assert "per format: sequence 1 (AUC 1.000), grid 3" in per.summary()
     assert "thresholds at layer sequence 1, grid 3" in format_calibration(per)
+    # separation per format: sequence alone clears a floor no single layer reaches
+    strict = CalibrateConfig(auc_floor=0.9)
+    assert not calibrate(obs, 4, strict, ScoreConfig()).separates  # best layer: 0.706
+    per_strict = calibrate(obs, 4, strict.model_copy(update={"layer_per": "format"}), ScoreConfig())
+    assert per_strict.separates and "WARNING" not in per_strict.summary()
+    assert per_strict.summary().endswith("; near chance (AUC below 0.90): grid")
     # a fixed score.layer wins: no per-format choice
     fixed = calibrate(obs, 4, CalibrateConfig(layer_per="format"), ScoreConfig(), fixed_layer=2)
     assert fixed.format_layers == {} and fixed.layers == [2]

@@ -101,7 +101,9 @@ class Calibration(BaseModel):
     band_auc: dict[str, float | None] = Field(description="'a-b' (inclusive) -> pooled AUC.")
     best_layers: list[int] = Field(description="The band with the best pooled AUC.")
     best_auc: float | None
-    separates: bool = Field(description="Best pooled AUC at or above auc_floor.")
+    separates: bool = Field(
+        description="Best pooled AUC at or above auc_floor (per format: any format's AUC)."
+    )
     auc_floor: float
     quantile: float
     n_answers: int
@@ -148,6 +150,8 @@ class Calibration(BaseModel):
                 f"; WARNING: no layer reaches AUC {self.auc_floor:.2f}: attention selection "
                 "is no better than chance for this model"
             )
+        elif chance := [f for f, a in self.format_auc.items() if a is None or a < self.auc_floor]:
+            line += f"; near chance (AUC below {self.auc_floor:.2f}): {', '.join(chance)}"
         return line
 
 
@@ -255,12 +259,14 @@ def calibrate(
     auc = band_auc.get(band_name(chosen), pooled(chosen))
     if format_layers:
         auc = _pooled([cell_auc(obs, band_of(f)) for (f, _), obs in by_cell.items()])
+    format_auc = {f: pooled(b, f) for f, b in format_layers.items()}
     return Calibration(
         layers=chosen, layer_from=layer_from, auc=auc, format_layers=format_layers,
-        format_auc={f: pooled(b, f) for f, b in format_layers.items()},
+        format_auc=format_auc,
         auc_by_layer=[band_auc[str(i)] for i in range(num_layers)], band_auc=band_auc,
         best_layers=best_band, best_auc=best,
-        separates=best is not None and best >= cfg.auc_floor, auc_floor=cfg.auc_floor,
+        separates=any(a is not None and a >= cfg.auc_floor for a in (best, *format_auc.values())),
+        auc_floor=cfg.auc_floor,
         quantile=cfg.quantile, n_answers=len(observations), n_right=n_right,
         n_wrong=len(observations) - n_right, n_unknown=n_unknown, cells=cells,
     )  # fmt: skip
