@@ -222,7 +222,8 @@ class CalibrateConfig(Section):
         default=0.6,
         ge=0.5,
         le=1.0,
-        description="Below this best AUC the report and status say selection is near chance.",
+        description="Below this best AUC the report and status say selection is near chance "
+        "(with layer_per format: each format's AUC; the summary names the formats below).",
     )
     min_answers_per_cell: int = Field(
         default=8,
