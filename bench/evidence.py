@@ -269,6 +269,8 @@ def main() -> None:
     # ...) is studied as it is; only a missing or older-recipe folder trains the default.
     cached = read_report(args.base)
     base = ensure_base_model(Path(args.base), **(cached.params.model_dump() if cached else {}))
+    report = read_report(base)  # read now: the folder may change while the study runs
+    assert report is not None  # ensure_base_model has just written or checked it
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mia-evidence-"))
     cfg, items = build_benchmark(work, base, args.eval_n, args.per_cell)
     base_right = correctness(cfg, items, load_model(cfg.model))
@@ -293,9 +295,7 @@ def main() -> None:
     results = summarise(items, base_right, right)
     results.update(
         seeds=args.seeds, n_train_source=args.n, eval_seed=EVAL_SEED, runs=runs, overrides=extra,
-        base_model=read_report(base).model_dump(  # type: ignore[union-attr]
-            include={"params", "accuracy", "attention_auc"}
-        ),
+        base_model=report.model_dump(include={"params", "accuracy", "attention_auc"}),
         minutes=(time.perf_counter() - t_start) / 60,
     )  # fmt: skip
     stem.parent.mkdir(parents=True, exist_ok=True)

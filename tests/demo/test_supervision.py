@@ -52,8 +52,10 @@ def test_loss_is_minus_log_of_the_score_stages_target_share() -> None:
     assert both.item() == pytest.approx((-math.log(0.8) - math.log(0.5)) / 2)
 
 
-def test_supervision_is_opt_in_and_names_a_real_layer() -> None:
-    assert BaseParams().attention_supervision == 0.0  # the demo's recipe is unchanged
+def test_supervision_is_the_recipe_and_names_a_real_layer() -> None:
+    # the demo's base (run N): layer 1 supervised, the answer then follows the routing
+    assert (BaseParams().attention_supervision, BaseParams().supervised_layers) == (5.0, (1,))
+    assert BaseParams(attention_supervision=0).attention_supervision == 0.0  # off
     with pytest.raises(ValueError, match=r"supervised_layers \[4\]"):
         BaseParams(supervised_layers=(1, 4), attention_supervision=1.0)
 

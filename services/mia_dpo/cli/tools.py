@@ -160,7 +160,7 @@ def add_parsers(sub: Any) -> None:
         type=int,
         default=None,
         help="optimizer steps to stop at; the lr schedule keeps its length "
-        "(default: the recipe's 2000)",
+        "(default: the recipe's 6000)",
     )
     b.add_argument(
         "--attention-supervision",
@@ -168,15 +168,14 @@ def add_parsers(sub: Any) -> None:
         default=None,
         metavar="WEIGHT",
         help="weight of the auxiliary loss that puts the answer's attention on the target "
-        "image at --supervised-layer (default 0: off)",
+        "image at --supervised-layer (default 5; 0: off)",
     )
     b.add_argument(
         "--supervised-layer",
         type=int,
         action="append",
         metavar="LAYER",
-        help="decoder layer the auxiliary loss acts on; repeat for several, averaged "
-        "(default 2, the score stage's default)",
+        help="decoder layer the auxiliary loss acts on; repeat for several, averaged (default 1)",
     )
     b.add_argument(
         "--set",

@@ -7,24 +7,24 @@ first (single images only), then the image labels (the index task), then the mix
 distractors answer differently from the target, so an answer tells which image was
 read.
 
-The defaults, measured on CPU (one thread, seed 0, 342 s): single-image accuracy 1.000,
-two-image sequence accuracy 0.375 (0.29 / 0.23 / 0.32 for 3 / 4 / 5 images), 74 % of
-the wrong two-image answers being the distractor's answer, attention AUC (right vs
-wrong, two images) 0.619 / 0.605 / 0.648 / 0.633 by layer. The issue asked for 0.65-0.75
-two-image accuracy and an AUC >= 0.75; no recipe tried reached both:
+The defaults (run N of docs/evidence.md), measured on CPU (one thread, seed 0, 1153 s):
+single-image accuracy 0.985, two-image sequence accuracy 0.715 (0.325 / 0.335 / 0.300
+for 3 / 4 / 5 images), 47 % of the wrong two-image answers being the distractor's
+answer, attention AUC (right vs wrong, two images) 0.630 / 0.370 / 0.800 / 0.739 by
+layer: the 0.65-0.75 and >= 0.75 issue 12 asked for. What it took, and what did not:
+- the previous defaults (no attention supervision, lr 3e-4, 2000 steps, 40 % sequence
+  steps): 0.375 two-image accuracy, AUC 0.648 at best; 74 % of errors the distractor's answer,
+  but where the answer came from was not where the answer rows' attention went;
 - recipe "r2" (patch 32, so 4 tokens per image; lr 1e-3, cosine over 7000 steps stopped
-  at 4000; 55 % sequence steps) reached 0.705 two-image accuracy, 91.5 % of errors the
-  distractor's answer, but AUC 0.56 at best, and with 4 tokens per image a grid collage
-  cannot be split into its tiles nor pic-in-pic into its centre, so the pipeline cannot
-  score it. Its sequence skill switches on abruptly (two-image accuracy 0.56 at step
-  3500, 0.74 at 4000, 0.96 at 5000), so another seed may land elsewhere;
-- r2 with patch 16: 0.62 single, 0.37 two-image, AUC 0.51;
-- the previous recipe on these images (no curriculum, no index task, patch 8, 1500
-  steps): 0.995 single, 0.425 two-image, AUC 0.595;
-- attention supervision (attention_supervision, opt-in; docs/evidence.md, runs A-H):
-  weight 5 at layer 1, lr 1e-3, 4000 steps: AUC 0.890 at layer 1 but 0.345 two-image
-  accuracy; at layer 2: 0.785 two-image accuracy, AUC 0.52 (routing perfect for right
-  and wrong answers alike).
+  at 4000; 55 % sequence steps) reached 0.705 two-image accuracy but AUC 0.56 at best,
+  and with 4 tokens per image a grid collage cannot be split into its tiles nor
+  pic-in-pic into its centre, so the pipeline cannot score it;
+- attention supervision (an auxiliary loss putting the answer's attention on the
+  target at supervised_layers) at layer 1, 4000 steps: AUC 0.890 at layer 1 but 0.345
+  two-image accuracy (the route used, mostly misrouted); at layer 2: 0.785 accuracy,
+  AUC 0.52 (routing perfect for right and wrong answers alike); layer 1 for 6000 steps
+  with 40 % sequence steps (run M): 0.710 accuracy, AUC 0.648. 60 % sequence steps
+  (N) gave both.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from mia_dpo.prompts import IMAGE_TAG, sequence_prompt, strip_image_tag
 
 # Bump when the same BaseParams would train different weights or measure differently
 # (data, sampling or evaluation code changed): a cached model of another recipe retrains.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: training pinned to one thread (the weights depend on it)
 SEQUENCE_SIZES = (2, 3, 4)  # image counts of multi-image training examples
 EVAL_SEQUENCE_SIZES = (2, 3, 4, 5)  # the pipeline's sequences run to 5 images
 CELLS = ("single", *(f"seq{n}" for n in EVAL_SEQUENCE_SIZES))
@@ -58,20 +58,20 @@ class BaseParams(BaseModel):
 
     seed: int = Field(default=0, description="Seeds the initial weights, the data and batches.")
     steps: int = Field(
-        default=2000,
+        default=6000,
         ge=1,
-        description="Optimizer steps run (~0.17 s each on one thread). May stop part-way "
+        description="Optimizer steps run (~0.19 s each on one thread). May stop part-way "
         "down the schedule: a model right on nearly every sequence leaves MIA-DPO nothing "
         "to reject (recipe r2 at 5500 of 7000 steps: 1.0).",
     )
     schedule_steps: int = Field(
-        default=2000,
+        default=6000,
         ge=1,
         description="Length the warm-up and cosine lr are planned over, separate from steps "
         "so that stopping early does not also shorten the schedule (which changes the model).",
     )
     batch_size: int = Field(default=16, ge=1, description="Images per step (n-image rows: //n).")
-    lr: float = Field(default=3e-4, gt=0, description="Peak AdamW lr (r2: 1e-3).")
+    lr: float = Field(default=1e-3, gt=0, description="Peak AdamW lr (previous default: 3e-4).")
     warmup_fraction: float = Field(
         default=0.05, ge=0, lt=1, description="Linear warm-up, as a share of schedule_steps."
     )
@@ -93,11 +93,12 @@ class BaseParams(BaseModel):
         default=0.2, ge=0, le=1, description="After the curriculum: share of index-task steps."
     )
     multi_fraction: float = Field(
-        default=0.4,
+        default=0.6,
         ge=0,
         le=1,
         description="After the curriculum: share of sequence-question steps (2-4 images); "
-        "single-image steps take the rest (20% index, 40% sequence, 40% single; r2: 55% sequence).",
+        "single-image steps take the rest (20% index, 60% sequence, 20% single; previously "
+        "40% sequence; r2: 55%). More sequence steps, more supervised steps (run N vs M).",
     )
     distinct: bool = Field(
         default=True,
@@ -116,20 +117,21 @@ class BaseParams(BaseModel):
     vision_layers: int = Field(default=3, ge=1, description="Vision tower layers.")
     vision_hidden: int = Field(default=96, ge=8, description="Vision tower width.")
     attention_supervision: float = Field(
-        default=0.0,
+        default=5.0,
         ge=0,
         description="Weight of an auxiliary loss on sequence-question steps: -log of the "
         "target image's share of the answer rows' image attention at supervised_layers (the "
-        "quantity the score stage reads). 0: off, the plain recipe. On, it asks the base "
-        "to be confused the way the paper assumes of LLaVA (a wrong answer showing as "
-        "attention on the wrong image); docs/evidence.md has what it reached.",
+        "quantity the score stage reads). It asks the base to be confused the way the "
+        "paper assumes of LLaVA (a wrong answer showing as attention on the wrong image); "
+        "0 turns it off (the previous default). docs/evidence.md has what each weight reached.",
     )
     supervised_layers: tuple[int, ...] = Field(
-        default=(2,),
+        default=(1,),
         min_length=1,
-        description="Decoder layers (0-based) the auxiliary loss acts on, averaged; 2 is "
-        "text_layers // 2, the layer the score stage reads by default (the paper's middle "
-        "layer).",
+        description="Decoder layers (0-based) the auxiliary loss acts on, averaged. Layer 1 "
+        "supervised, the answer comes to follow the routing and layer 2's share tells right "
+        "from wrong (run N: AUC 0.800); supervising layer 2 itself made the routing perfect "
+        "for right and wrong answers alike (run G: AUC 0.52).",
     )
     eval_per_cell: int = Field(default=200, ge=1, description="Evaluation questions per cell.")
     eval_images: int = Field(
