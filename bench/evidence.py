@@ -2,7 +2,7 @@
 fixed benchmark, over several training seeds.
 
     .venv/bin/python bench/evidence.py [--seeds 0 1 2] [--quick] [--work DIR] [--base DIR]
-        [--set KEY=VALUE ...] [--variants NAME ...]
+        [--set KEY=VALUE ...] [--variants NAME ...] [--jobs 2]
 
 The protocol (issue 12):
 - one evaluation set, fixed across training seeds: its own synthetic source (seed
@@ -18,7 +18,7 @@ The protocol (issue 12):
   (any scored answer, right or wrong, as many pairs as calibrated), random_wrong (only
   wrong answers), ppl_only (no attention rule), SFT on the calibrated pairs' chosen
   answers, calibrated MIA-DPO + label balance (SFT-only rows, sft_weight 1), and its
-  control: random (any answer) + the same label balance.
+  controls: random (any answer) and random_wrong, each + the same label balance.
 
 Writes <out>.md (table and the reading), <out>.json (every figure) and <out>.png.
 """
@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evidence_report import CELLS, CONTROLS, render
+from evidence_report import CELLS, CONTRASTS, CONTROLS, render
 
 from mia_dpo.answers import same_answer
 from mia_dpo.config import load_config
@@ -106,6 +109,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None, tuple[str, ...]]] = {
         {**CALIBRATED, **BALANCE, "select.strategy": "random"}, "MIA-DPO calibrated",
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
+    "random_wrong + label balance": (
+        {**CALIBRATED, **BALANCE, "select.strategy": "random_wrong"}, "MIA-DPO calibrated",
+        ("plan", "augment", "generate", "calibrate", "score"),
+    ),
 }  # fmt: skip
 
 
@@ -159,6 +166,63 @@ def train_variant(
         }  # fmt: skip
         out["thresholds"] = {f"{c['format']}/{c['n_images']}": c["threshold"] for c in cal["cells"]}
     out["cfg"] = cfg
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every (seed, variant) task needs; pickled to the worker processes."""
+
+    store_root: Path
+    src: Path
+    base: Path
+    extra: dict[str, Any]
+    cfg: Any  # the benchmark's run config (evaluation settings)
+    items: list[EvalItem]
+
+
+def study_one(job: Job, seed: int, name: str) -> tuple[dict, list[bool]]:
+    """Train one variant for one seed, then answer the benchmark with its adapter."""
+    store = LocalStore(job.store_root)
+    res = train_variant(store, job.src, job.base, seed, name, job.extra)
+    vcfg = res.pop("cfg")
+    adapter = store.root / layout.adapter_prefix(layout.train_prefix(res["run_id"]))
+    t0 = time.perf_counter()
+    right = correctness(job.cfg, job.items, load_adapter_model(vcfg.model, adapter))
+    res["eval_seconds"] = time.perf_counter() - t0
+    print(f"seed {seed} {name}: {res['pairs']} pairs, {res['train_seconds']:.0f}s "
+          f"+ eval {res['eval_seconds']:.0f}s", flush=True)  # fmt: skip
+    return res, right
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_all(
+    job: Job, seeds: list[int], names: list[str], jobs: int
+) -> dict[tuple[int, str], tuple[dict, list[bool]]]:
+    """Every (seed, variant), `jobs` at a time. A seed's calibrated run goes first: the
+    others copy its stages, so they are submitted when it has finished."""
+    first = "MIA-DPO calibrated"
+    if jobs == 1:  # in this process, as before --jobs existed
+        return {(s, n): study_one(job, s, n) for s in seeds for n in names}
+    out: dict[tuple[int, str], tuple[dict, list[bool]]] = {}
+    # spawn, not fork: a forked child of a process that has run torch can hang in OpenMP
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_one_thread) as pool:
+        pending = {pool.submit(study_one, job, s, first): (s, first) for s in seeds}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                seed, name = pending.pop(fut)
+                out[seed, name] = fut.result()
+                if name == first:
+                    for other in names:
+                        if other != first:
+                            pending[pool.submit(study_one, job, seed, other)] = (seed, other)
     return out
 
 
@@ -257,7 +321,17 @@ def main() -> None:
         help="study only these variants (MIA-DPO calibrated always runs: the others reuse "
         "its stages); default all",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="variants trained at once, each in its own process with one torch thread "
+        "(default 2: the tiny model's small matrices keep two threads of one process "
+        "busy only part of the time)",
+    )
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: expected at least 1")
     names = [n for n in VARIANTS if n in args.variants or n == "MIA-DPO calibrated"]
     extra = dict(item.partition("=")[::2] for item in args.set)
     if bad := [item for item in args.set if "=" not in item or item.startswith("=")]:
@@ -281,22 +355,12 @@ def main() -> None:
     src = work / "src"
     if not (src / "data.json").exists():
         write_synthetic(src, args.n, seed=TRAIN_SOURCE_SEED)
-    store = LocalStore(work / "store")
-    right: dict[str, list[list[bool]]] = {name: [] for name in names}
-    runs = []
-    for seed in args.seeds:
-        for name in names:
-            res = train_variant(store, src, base, seed, name, extra)
-            vcfg = res.pop("cfg")
-            adapter = store.root / layout.adapter_prefix(layout.train_prefix(res["run_id"]))
-            t0 = time.perf_counter()
-            right[name].append(correctness(cfg, items, load_adapter_model(vcfg.model, adapter)))
-            res["eval_seconds"] = time.perf_counter() - t0
-            runs.append({"seed": seed, "variant": name, **res})
-            print(f"seed {seed} {name}: {res['pairs']} pairs, {res['train_seconds']:.0f}s "
-                  f"+ eval {res['eval_seconds']:.0f}s", flush=True)  # fmt: skip
+    done = run_all(Job(work / "store", src, base, extra, cfg, items), args.seeds, names, args.jobs)
+    right = {name: [done[seed, name][1] for seed in args.seeds] for name in names}
+    runs = [{"seed": s, "variant": n, **done[s, n][0]} for s in args.seeds for n in names]
     results = summarise(items, base_right, right)
     results.update(
+        jobs=args.jobs,
         seeds=args.seeds, n_train_source=args.n, eval_seed=EVAL_SEED, runs=runs, overrides=extra,
         base_model=report.model_dump(include={"params", "accuracy", "attention_auc"}),
         minutes=(time.perf_counter() - t_start) / 60,
@@ -323,7 +387,8 @@ def summarise(items: list[EvalItem], base: list[bool], right: dict[str, list[lis
         out["base"][c] = sum(base[i] for i in ix) / max(len(ix), 1)
     pairs = [(name, "base") for name in right] + [
         (name, ref)
-        for name, refs in CONTROLS.items()
+        for table in (CONTROLS, CONTRASTS)
+        for name, refs in table.items()
         for ref in refs
         if name in right and ref in right  # a study of fewer variants compares what ran
     ]

@@ -21,6 +21,12 @@ CONTROLS = {
         "SFT on chosen",
     ),
 }
+# further head-to-head rows, outside the bar: the attention rule against random draws
+# from the same wrong answers, the one comparison that isolates what attention adds
+CONTRASTS = {
+    "MIA-DPO calibrated": ("random_wrong",),
+    "MIA-DPO calibrated + label balance": ("random_wrong + label balance",),
+}
 
 
 def _ci(d: dict[str, Any]) -> str:
@@ -58,6 +64,13 @@ def _reading(res: dict[str, Any]) -> list[str]:
             )
             + "."
         )
+        for ref in CONTRASTS.get(name, ()):
+            if (d := delta.get(f"{name} - {ref}")) is not None:
+                out.append(
+                    f"  - what the attention rule adds over {ref} (the same wrong answers "
+                    f"drawn at random): multi-image {_ci(d['multi_image'])}, single "
+                    f"{_ci(d['single'])}."
+                )
     return out
 
 

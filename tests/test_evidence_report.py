@@ -67,3 +67,15 @@ def test_fewer_variants_say_what_was_not_compared() -> None:
     assert "not compared with random (any answer) (not run)" in md
     assert "**not decided**" in md  # never "met" on a comparison that did not run
     assert "label balance**" not in md  # a variant that did not run has no reading
+
+
+def test_contrast_with_random_wrong_is_read_when_it_ran() -> None:
+    mod = _module()
+    res = _results({"MIA-DPO calibrated": 0.03, "random_wrong": 0.01})
+    res["delta"]["MIA-DPO calibrated - random_wrong"] = {
+        c: _cell(0.02) for c in res["delta"]["MIA-DPO calibrated"]
+    }
+    md, _ = mod.render(res)
+    assert "adds over random_wrong (the same wrong answers drawn at random): " in md
+    assert "multi-image +0.020 [+0.010, +0.030]" in md
+    assert "adds over random_wrong + label balance" not in md  # that variant did not run
