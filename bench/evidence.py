@@ -66,8 +66,8 @@ RECIPE: dict[str, Any] = {
     "score.batch_size": 16,
     "train.lora_r": 16,
     "train.lora_alpha": 32,
-    # the demo's since 2026-12-06; the committed full study (bench/results/evidence.md)
-    # ran 1e-4 x 1 epoch, one layer for all formats, on the previous base
+    # the demo's since 2026-12-06 (bench/results/evidence-previous-base.md ran 1e-4 x 1
+    # epoch, one layer for all formats, on the previous base)
     "calibrate.layer_per": "format",
     "train.learning_rate": 5e-4,
     "train.epochs": 2,
