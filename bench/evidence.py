@@ -80,37 +80,38 @@ RECIPE: dict[str, Any] = {
 }
 CALIBRATED = {"score.layer": "auto", "score.thresholds": "calibrated"}
 BALANCE = {"select.label_balance": True, "train.sft_weight": 1.0}
+FIRST = "MIA-DPO calibrated"  # every other variant copies this run's stages
 # name -> (overrides, the run whose stage outputs it reuses, the stages it reuses)
 VARIANTS: dict[str, tuple[dict[str, Any], str | None, tuple[str, ...]]] = {
-    "MIA-DPO calibrated": (CALIBRATED, None, ()),
-    "MIA-DPO paper": ({}, "MIA-DPO calibrated", ("plan", "augment", "generate")),
+    FIRST: (CALIBRATED, None, ()),
+    "MIA-DPO paper": ({}, FIRST, ("plan", "augment", "generate")),
     "random (any answer)": (
-        {**CALIBRATED, "select.strategy": "random"}, "MIA-DPO calibrated",
+        {**CALIBRATED, "select.strategy": "random"}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
     "random_wrong": (
-        {**CALIBRATED, "select.strategy": "random_wrong"}, "MIA-DPO calibrated",
+        {**CALIBRATED, "select.strategy": "random_wrong"}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
     "ppl_only": (
-        {**CALIBRATED, "select.strategy": "ppl_only"}, "MIA-DPO calibrated",
+        {**CALIBRATED, "select.strategy": "ppl_only"}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
     "SFT on chosen": (
-        {**CALIBRATED, "train.method": "sft"}, "MIA-DPO calibrated",
+        {**CALIBRATED, "train.method": "sft"}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score", "select"),
     ),
     "MIA-DPO calibrated + label balance": (
-        {**CALIBRATED, **BALANCE}, "MIA-DPO calibrated",
+        {**CALIBRATED, **BALANCE}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
     # label balance's own control: the same SFT-only rows beside randomly drawn pairs
     "random (any answer) + label balance": (
-        {**CALIBRATED, **BALANCE, "select.strategy": "random"}, "MIA-DPO calibrated",
+        {**CALIBRATED, **BALANCE, "select.strategy": "random"}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
     "random_wrong + label balance": (
-        {**CALIBRATED, **BALANCE, "select.strategy": "random_wrong"}, "MIA-DPO calibrated",
+        {**CALIBRATED, **BALANCE, "select.strategy": "random_wrong"}, FIRST,
         ("plan", "augment", "generate", "calibrate", "score"),
     ),
 }  # fmt: skip
@@ -206,22 +207,21 @@ def run_all(
 ) -> dict[tuple[int, str], tuple[dict, list[bool]]]:
     """Every (seed, variant), `jobs` at a time. A seed's calibrated run goes first: the
     others copy its stages, so they are submitted when it has finished."""
-    first = "MIA-DPO calibrated"
     if jobs == 1:  # in this process, as before --jobs existed
         return {(s, n): study_one(job, s, n) for s in seeds for n in names}
     out: dict[tuple[int, str], tuple[dict, list[bool]]] = {}
     # spawn, not fork: a forked child of a process that has run torch can hang in OpenMP
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_one_thread) as pool:
-        pending = {pool.submit(study_one, job, s, first): (s, first) for s in seeds}
+        pending = {pool.submit(study_one, job, s, FIRST): (s, FIRST) for s in seeds}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 seed, name = pending.pop(fut)
                 out[seed, name] = fut.result()
-                if name == first:
+                if name == FIRST:
                     for other in names:
-                        if other != first:
+                        if other != FIRST:
                             pending[pool.submit(study_one, job, seed, other)] = (seed, other)
     return out
 
@@ -332,7 +332,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: expected at least 1")
-    names = [n for n in VARIANTS if n in args.variants or n == "MIA-DPO calibrated"]
+    names = [n for n in VARIANTS if n in args.variants or n == FIRST]
     extra = dict(item.partition("=")[::2] for item in args.set)
     if bad := [item for item in args.set if "=" not in item or item.startswith("=")]:
         ap.error(f"--set {bad[0]}: expected KEY=VALUE")
