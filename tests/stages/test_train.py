@@ -201,6 +201,50 @@ def test_sft_method_trains_on_the_chosen_answers(tmp_path: Path, tiny_model_dir:
     assert all(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
+def one_image_lines(folder: Path, n: int) -> list[str]:
+    """n pairs of a single picture: shorter than pair_lines' two-image ones by 64 tokens."""
+    lines = []
+    for i in range(n):
+        colour, other = NAMES[i % 4], NAMES[(i + 2) % 4]
+        row = {
+            "images": [square_png(folder / f"{i}.png", colour)],
+            "prompt": prompt_messages("<image>\nWhat colour is the square?"),
+            "chosen": answer_messages(colour), "rejected": answer_messages(other),
+            "id": f"q{i}-single-r0", "format": "single", "n_images": 1, "target_index": 1,
+        }  # fmt: skip
+        lines.append(json.dumps(row))
+    return lines
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_group_by_length_batches_pairs_of_one_length(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, grouped: bool
+) -> None:
+    from mia_dpo.training import trainers
+    from mia_dpo.training.sampler import LengthGroupedBatches
+
+    made: list[Any] = []
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        made.append(trainers_make(*args, **kw))
+        return made[-1]
+
+    trainers_make = trainers.make_trainer
+    monkeypatch.setattr(trainers, "make_trainer", spy)
+    # rows 0-3: two images; rows 4-7: one
+    lines = pair_lines(tmp_path / "img2", 4) + one_image_lines(tmp_path / "img1", 4)
+    ctx = make_ctx(tmp_path, run_config(tiny_model_dir, group_by_length=grouped), lines)
+    run_shard(Task.make("r1", "train", 0), ctx)
+    meta = ctx.store.get_json(TRAIN + "metadata.json")
+    assert meta["steps"] == 4 and len(losses(meta)) == 4
+    sampler = made[0]._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedBatches) is grouped
+    if grouped:
+        order = list(sampler)
+        assert sorted(order) == list(range(8))
+        assert all({i < 4 for i in order[k : k + 2]} in ({True}, {False}) for k in (0, 2, 4, 6))
+
+
 WORKER_SCRIPT = """
 import logging, os, sys, time
 import trl

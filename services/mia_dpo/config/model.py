@@ -151,6 +151,14 @@ class TrainConfig(Section):
     max_length: int = Field(
         default=4096, ge=16, description="Longest prompt + answer in tokens (never cut images)."
     )
+    group_by_length: bool = Field(
+        default=False,
+        description=(
+            "Batch pairs of similar token length together, the batches in random order: "
+            "less padding when image counts differ (bench/train_batching.py); off: TRL's "
+            "random batches."
+        ),
+    )
     bf16: Literal["auto", "on", "off"] = Field(
         default="auto", description="bf16 mixed precision; auto: on when CUDA supports it."
     )

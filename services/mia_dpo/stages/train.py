@@ -122,7 +122,8 @@ def train_pairs(
             f"train: no pairs to train on; all {stats.total} pairs of {source} were dropped "
             f"({reasons})"
         )
-    stats.notes["answers_truncated"] = data.check_lengths(rows, lm, tcfg.max_length, loader)
+    lengths = data.check_lengths(rows, lm, tcfg.max_length, loader)
+    stats.notes["answers_truncated"] = lengths.truncated
     if stats.notes["answers_truncated"]:
         logger.warning(
             "train: %d pairs have an answer cut at train.max_length %d",
@@ -143,7 +144,12 @@ def train_pairs(
         )
         callbacks = [ckpt.StoreCheckpoints(store, prefix, key, logger), trainers.LogToStage(logger)]
         trainer = trainers.make_trainer(
-            lm, dataset, args, trainers.lora_config(tcfg, targets.target_modules), callbacks
+            lm,
+            dataset,
+            args,
+            trainers.lora_config(tcfg, targets.target_modules),
+            callbacks,
+            lengths.tokens if tcfg.group_by_length else None,
         )
         tensorboard = work / "tensorboard"
         has_tensorboard = trainers.tensorboard_dir(trainer, tensorboard / run_name)

@@ -122,10 +122,19 @@ def token_count(text: str, lm: Any, images: list[Image.Image] | None = None) -> 
     return len(enc["input_ids"][0])
 
 
+@dataclass(frozen=True)
+class Lengths:
+    """Each row's tokens as the collator will cut it (prompt + the longer answer, at most
+    max_length), and how many rows have an answer cut short."""
+
+    tokens: list[int]
+    truncated: int
+
+
 def check_lengths(
     rows: list[dict[str, Any]], lm: Any, max_length: int, load: PairImages | None = None
-) -> int:
-    """UserError if a prompt does not fit in max_length; returns how many pairs will
+) -> Lengths:
+    """UserError if a prompt does not fit in max_length; counts the pairs that will
     have an answer cut short (allowed: TRL keeps the start, so no image token is lost).
 
     TRL's collators cut every sequence at max_length from the end. A prompt that
@@ -134,7 +143,7 @@ def check_lengths(
     """
     from trl.data_utils import apply_chat_template
 
-    truncated = 0
+    truncated, tokens = 0, []
     for row in rows:
         # TRL's own rendering, as its collator does it, so the counts are the collator's.
         text = apply_chat_template({c: row[c] for c in MESSAGE_COLUMNS}, lm.processor)
@@ -150,7 +159,8 @@ def check_lengths(
             )
         answer = max(token_count(text["chosen"], lm), token_count(text["rejected"], lm))
         truncated += int(n_prompt + answer > max_length)
-    return truncated
+        tokens.append(min(n_prompt + answer, max_length))
+    return Lengths(tokens=tokens, truncated=truncated)
 
 
 def pair_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

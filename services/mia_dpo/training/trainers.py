@@ -226,13 +226,22 @@ def training_args(
 
 
 def make_trainer(
-    lm: Any, dataset: Any, args: Any, peft_config: LoraConfig, callbacks: list[TrainerCallback]
+    lm: Any,
+    dataset: Any,
+    args: Any,
+    peft_config: LoraConfig,
+    callbacks: list[TrainerCallback],
+    lengths: list[int] | None = None,
 ) -> Any:
+    """TRL's trainer for args' method; `lengths` (one per dataset row) batches rows of
+    similar length together (train.group_by_length), None keeps TRL's random batches."""
     from transformers import PrinterCallback
     from trl import DPOTrainer, SFTTrainer
 
     sft = type(args).__name__ == "SFTConfig"
     cls = SFTTrainer if sft else DPOTrainer
+    if lengths is not None:
+        cls = _length_grouped(cls, lengths)
     trainer = cls(
         model=lm.model,
         args=args,
@@ -244,6 +253,23 @@ def make_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # LogToStage says it in one line
     return trainer
+
+
+def _length_grouped(cls: type, lengths: list[int]) -> type:
+    """`cls` with LengthGroupedBatches as its training sampler. The Trainer's only hook
+    for a sampler is this method; its own group_by_length orders each stretch of an
+    epoch longest first (see training/sampler.py)."""
+    from mia_dpo.training.sampler import LengthGroupedBatches
+
+    def _get_train_sampler(self: Any, train_dataset: Any = None) -> LengthGroupedBatches:
+        n = len(train_dataset if train_dataset is not None else self.train_dataset)
+        if n != len(lengths):
+            raise ValueError(f"group_by_length: {len(lengths)} lengths for {n} rows")
+        # the DataLoader's own batch size (auto_find_batch_size may have lowered it)
+        batch = getattr(self, "_train_batch_size", self.args.train_batch_size)
+        return LengthGroupedBatches(lengths, batch, self.args.seed)
+
+    return type(f"LengthGrouped{cls.__name__}", (cls,), {"_get_train_sampler": _get_train_sampler})
 
 
 def family_collator(lm: Any, args: Any, sft: bool) -> Any:
