@@ -71,8 +71,8 @@ RECIPE: dict[str, Any] = {
     "train.batch_size": 8,
     "train.gradient_accumulation_steps": 1,
     "train.max_length": 1024,
-    # the demo's since 2026-12-07: rows of one image count share a batch (2.3x faster
-    # training here; the previous full study ran random batches)
+    # the demo's since 2026-12-07: rows of one image count share a batch (1.98x faster
+    # training, bench/train_batching.py; evidence-random-batches.md ran without it)
     "train.group_by_length": True,
     "train.save_steps": 1000,
     "evaluate.batch_size": 32,

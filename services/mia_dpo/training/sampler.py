@@ -47,7 +47,7 @@ class LengthGroupedBatches(Sampler[int]):
 
     def batches(self) -> list[list[int]]:
         g = torch.Generator()
-        g.manual_seed(self.seed * 100_003 + self.epoch)
+        g.manual_seed(self.seed * 100_003 + self.epoch)  # one stream per (seed, epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
         window = self.batch_size * WINDOW_BATCHES
         out: list[list[int]] = []
